@@ -1,0 +1,236 @@
+"""Named `diffusers.UNet2DModel` configurations, with the training defaults that go with each.
+
+`ddpm-cifar10-32` and `ddpm-256` are the networks of Ho et al. (2020) exactly as google/ddpm-cifar10-32 and
+google/ddpm-celebahq-256 publish them; the small presets are sized to train on two CPU cores in minutes.
+
+    >>> from hf_ddpm.presets import build_unet, list_presets
+    >>> list_presets()
+    ['ddpm-256', 'ddpm-cifar10-32', 'digits-16', 'small-16-rgb', 'small-32-rgb', 'tiny-8']
+    >>> unet = build_unet("digits-16", dropout=0.0)   # any UNet2DModel field can be overridden
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from diffusers import UNet2DModel
+
+# Fields shared by every DDPM-style network: the paper's sinusoidal embedding (freq_shift 1, no sin/cos flip),
+# one attention head over all channels, and no padding before the strided down-sampling convolution.
+_DDPM_UNET = {
+    "center_input_sample": False,
+    "time_embedding_type": "positional",
+    "freq_shift": 1,
+    "flip_sin_to_cos": False,
+    "attention_head_dim": None,
+    "act_fn": "silu",
+    "norm_eps": 1e-6,
+    "downsample_padding": 0,
+    "mid_block_scale_factor": 1,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A UNet2DModel config plus the training defaults (scripts/train.py flags) that suit it."""
+
+    name: str
+    description: str
+    unet: dict[str, Any]
+    train_defaults: dict[str, Any] = field(default_factory=dict)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in UNet2DModel(**self.unet).parameters())
+
+
+def _unet(**fields: Any) -> dict[str, Any]:
+    return {**_DDPM_UNET, **fields}
+
+
+# The DDPM paper's optimisation recipe (Ho et al. 2020, appendix B).
+_PAPER_TRAINING = {
+    "learning_rate": 2e-4,
+    "lr_warmup_steps": 5000,
+    "lr_scheduler": "constant_with_warmup",
+    "max_grad_norm": 1.0,
+    "use_ema": True,
+    "ema_max_decay": 0.9999,
+    "random_flip": True,
+    "beta_schedule": "linear",
+    "beta_start": 1e-4,
+    "beta_end": 0.02,
+    "num_train_timesteps": 1000,
+}
+
+_PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset(
+            name="ddpm-cifar10-32",
+            description="DDPM CIFAR-10 network (35.7M params), as google/ddpm-cifar10-32",
+            unet=_unet(
+                sample_size=32,
+                in_channels=3,
+                out_channels=3,
+                block_out_channels=[128, 256, 256, 256],
+                down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+                up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+                dropout=0.1,
+            ),
+            train_defaults={
+                **_PAPER_TRAINING,
+                "resolution": 32,
+                "train_batch_size": 128,
+                "max_train_steps": 800_000,
+            },
+        ),
+        Preset(
+            name="ddpm-256",
+            description="DDPM 256x256 CelebA-HQ / LSUN network (113.7M params), as google/ddpm-celebahq-256",
+            unet=_unet(
+                sample_size=256,
+                in_channels=3,
+                out_channels=3,
+                block_out_channels=[128, 128, 256, 256, 512, 512],
+                down_block_types=["DownBlock2D"] * 4 + ["AttnDownBlock2D", "DownBlock2D"],
+                up_block_types=["UpBlock2D", "AttnUpBlock2D"] + ["UpBlock2D"] * 4,
+                dropout=0.0,
+            ),
+            train_defaults={
+                **_PAPER_TRAINING,
+                "learning_rate": 2e-5,
+                "resolution": 256,
+                "train_batch_size": 64,
+                "max_train_steps": 500_000,
+            },
+        ),
+        Preset(
+            name="digits-16",
+            description="1.5M-param grayscale 16x16 network for the built-in digits; trains in minutes on a CPU",
+            unet=_unet(
+                sample_size=16,
+                in_channels=1,
+                out_channels=1,
+                block_out_channels=[32, 64, 64],
+                down_block_types=["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
+                up_block_types=["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+                layers_per_block=1,
+                norm_num_groups=8,
+                dropout=0.0,
+            ),
+            train_defaults={"resolution": 16, "learning_rate": 1e-3, "lr_warmup_steps": 100},
+        ),
+        Preset(
+            name="tiny-8",
+            description="Grayscale 8x8 network of ~100k params, for tests and smoke runs",
+            unet=_unet(
+                sample_size=8,
+                in_channels=1,
+                out_channels=1,
+                block_out_channels=[16, 32],
+                down_block_types=["DownBlock2D", "AttnDownBlock2D"],
+                up_block_types=["AttnUpBlock2D", "UpBlock2D"],
+                layers_per_block=1,
+                norm_num_groups=8,
+                dropout=0.0,
+            ),
+            train_defaults={"resolution": 8, "learning_rate": 1e-3, "lr_warmup_steps": 10},
+        ),
+        Preset(
+            name="small-16-rgb",
+            description="RGB 16x16 network, for quick colour runs and tests",
+            unet=_unet(
+                sample_size=16,
+                in_channels=3,
+                out_channels=3,
+                block_out_channels=[32, 64],
+                down_block_types=["DownBlock2D", "AttnDownBlock2D"],
+                up_block_types=["AttnUpBlock2D", "UpBlock2D"],
+                layers_per_block=1,
+                norm_num_groups=8,
+                dropout=0.0,
+            ),
+            train_defaults={"resolution": 16, "learning_rate": 1e-3, "lr_warmup_steps": 50},
+        ),
+        Preset(
+            name="small-32-rgb",
+            description="RGB 32x32 network (~2M params), a CPU-sized cousin of ddpm-cifar10-32",
+            unet=_unet(
+                sample_size=32,
+                in_channels=3,
+                out_channels=3,
+                block_out_channels=[32, 64, 64, 64],
+                down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+                up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+                layers_per_block=1,
+                norm_num_groups=8,
+                dropout=0.1,
+            ),
+            train_defaults={"resolution": 32, "learning_rate": 5e-4, "lr_warmup_steps": 200, "random_flip": True},
+        ),
+    ]
+}
+
+
+def list_presets() -> list[str]:
+    """Names of the built-in presets, sorted."""
+    return sorted(_PRESETS)
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called `name`; an unknown name raises a ValueError that lists the valid ones."""
+    if name not in _PRESETS:
+        raise ValueError(
+            f"unknown UNet preset {name!r}; valid presets: {', '.join(list_presets())} "
+            "(or give the path of a config.json or of a model folder)"
+        )
+    return _PRESETS[name]
+
+
+def _config_file(path: Path) -> Path:
+    for candidate in (path, path / "config.json", path / "unet" / "config.json"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"no UNet config found at {path}: give a config.json, a UNet folder or a pipeline folder")
+
+
+def unet_config(spec: str | dict[str, Any], **overrides: Any) -> dict[str, Any]:
+    """The UNet2DModel config for a preset name, a config.json path, a model folder or a dict, with overrides.
+
+    Unknown override fields raise a ValueError naming them, so a typo never silently does nothing.
+    """
+    if isinstance(spec, dict):
+        config = dict(spec)
+    elif spec in _PRESETS:
+        config = dict(_PRESETS[spec].unet)
+    elif Path(spec).exists():
+        config = json.loads(_config_file(Path(spec)).read_text())
+    else:
+        get_preset(spec)  # raises with the list of valid names
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    valid = set(UNet2DModel._get_init_keys(UNet2DModel)) - {"self"}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ValueError(f"unknown UNet2DModel field(s) {unknown}; valid fields: {', '.join(sorted(valid))}")
+    config.update(overrides)
+    return config
+
+
+def build_unet(spec: str | dict[str, Any], **overrides: Any) -> UNet2DModel:
+    """A UNet2DModel from a preset, config.json or dict (fresh weights), or from a model folder (its weights).
+
+    A folder holding weights (a saved UNet, or a pipeline folder with `unet/`) is loaded with those weights so
+    that training can start from it; `overrides` then only change fields that do not alter parameter shapes.
+    """
+    if isinstance(spec, str) and spec not in _PRESETS and Path(spec).is_dir():
+        folder = Path(spec)
+        if (folder / "unet").is_dir():
+            folder = folder / "unet"
+        if any(folder.glob("*.safetensors")):
+            return UNet2DModel.from_pretrained(folder, use_safetensors=True, **overrides)
+    return UNet2DModel(**unet_config(spec, **overrides))

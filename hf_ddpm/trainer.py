@@ -1,0 +1,429 @@
+"""The training loop: Algorithm 1 of Ho et al. (2020) under accelerate, from one CPU to many GPU nodes.
+
+    repeat
+        x_0 ~ q(x_0);  t ~ Uniform({1..T}) (or importance-sampled);  eps ~ N(0, I)
+        take a gradient step on  w(t) * || target(x_0, eps, t) - model(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t) ||^2
+    until converged
+
+Data order, augmentation, timesteps and noise of micro-step m on process r come from generators seeded by
+(seed, m, r) and the epoch's permutation from (seed, epoch), so a resumed run continues exactly where it
+stopped without replaying batches, and N steps straight equal N/2 + resume + N/2 bit for bit on one process.
+The learning-rate schedule is stepped once per optimizer step, whatever the number of processes or
+gradient-accumulation steps, so `--lr_warmup_steps` always counts optimizer steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import UNet2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from hf_ddpm import checkpointing, sampling
+from hf_ddpm.cli import register_user_error
+from hf_ddpm.data import BUILTIN_DIGITS, ImageDataset, load_image_dataset
+from hf_ddpm.pipeline import DDPMPipeline
+from hf_ddpm.presets import build_unet
+from hf_ddpm.scheduler import DDPMScheduler
+from hf_ddpm.timestep_samplers import UniformSampler, create_timestep_sampler
+from hf_ddpm.training_args import TrainingArguments
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_FILE = "training_summary.json"
+SAMPLES_FILE = "samples.png"
+
+
+@register_user_error
+class TrainingError(RuntimeError):
+    """Training cannot start or go on; the message says why and what to do."""
+
+
+def derived_seed(*parts: Any) -> int:
+    """A 63-bit seed that depends only on `parts` (e.g. the run seed, the micro-step and the process index)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def make_noise_scheduler(args: TrainingArguments) -> DDPMScheduler:
+    """The forward process of the run; saved with the pipeline as a plain diffusers DDPMScheduler config.
+
+    "trailing" timestep spacing changes nothing for 1000-step DDPM sampling, but is what a DDIM or DPM-Solver++
+    scheduler made with `from_config` should inherit for few-step sampling.
+    """
+    return DDPMScheduler(
+        num_train_timesteps=args.num_train_timesteps,
+        beta_schedule=args.beta_schedule,
+        beta_start=args.beta_start,
+        beta_end=args.beta_end,
+        prediction_type=args.prediction_type,
+        variance_type=args.variance_type,
+        timestep_spacing="trailing",
+    )
+
+
+def build_model(args: TrainingArguments) -> UNet2DModel:
+    """The UNet of the run: a preset, config or model folder, with `--unet_overrides` and learned-variance outputs."""
+    overrides = json.loads(args.unet_overrides) if args.unet_overrides else {}
+    if args.resolution is not None:
+        overrides.setdefault("sample_size", args.resolution)
+    unet = build_unet(args.preset, **overrides)
+    if args.variance_type == "learned_range" and unet.config.out_channels == unet.config.in_channels:
+        unet = UNet2DModel(**{**unet.config, "out_channels": 2 * unet.config.in_channels})
+    return unet
+
+
+def load_training_data(args: TrainingArguments, unet: UNet2DModel) -> ImageDataset:
+    return load_image_dataset(
+        dataset_name=args.dataset_name,
+        dataset_config_name=args.dataset_config_name,
+        split=args.split,
+        train_data_dir=args.train_data_dir,
+        image_column=args.image_column,
+        resolution=unet.config.sample_size,
+        channels=unet.config.in_channels,
+        center_crop=args.center_crop,
+        random_crop=args.random_crop,
+        cache_dir=args.cache_dir,
+        skip_bad_images=args.skip_bad_images,
+        max_train_samples=args.max_train_samples,
+    )
+
+
+class _EpochOrder:
+    """Row indices for micro-step m: a fresh seeded permutation each epoch, cut into global micro-batches."""
+
+    def __init__(self, num_rows: int, global_micro_batch: int, seed: int):
+        self.micro_steps_per_epoch = num_rows // global_micro_batch
+        self.num_rows, self.global_micro_batch, self.seed = num_rows, global_micro_batch, seed
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def indices(self, micro_step: int, process_index: int, batch_size: int) -> list[int]:
+        epoch, position = divmod(micro_step, self.micro_steps_per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(derived_seed(self.seed, "epoch", epoch))
+            self._epoch, self._perm = epoch, torch.randperm(self.num_rows, generator=generator)
+        start = position * self.global_micro_batch + process_index * batch_size
+        return self._perm[start : start + batch_size].tolist()
+
+
+def _hardware(accelerator: Accelerator) -> str:
+    if accelerator.device.type == "cuda":
+        return f"{accelerator.num_processes}x {torch.cuda.get_device_name(accelerator.device)}"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{accelerator.num_processes} process(es) on {platform.machine()} CPU ({cores} cores)"
+
+
+def _check_output_dir(args: TrainingArguments, resuming: bool) -> None:
+    if (Path(args.output_dir) / "model_index.json").exists() and not (resuming or args.overwrite_output_dir):
+        raise TrainingError(
+            f"--output_dir {args.output_dir} already holds a trained pipeline; pass --resume_from_checkpoint latest "
+            "to continue it, --overwrite_output_dir to replace it, or choose another --output_dir"
+        )
+
+
+class Trainer:
+    """One training run: `Trainer(args).train()`. Every process of an `accelerate launch` builds one."""
+
+    def __init__(self, args: TrainingArguments):
+        self.args = args
+        self.output_dir = Path(args.output_dir)
+        self.checkpoints_dir = self.output_dir / "checkpoints"
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            mixed_precision=args.mixed_precision,
+            log_with=None if args.report_to == "none" else args.report_to,
+            project_config=ProjectConfiguration(
+                project_dir=str(self.output_dir), logging_dir=str(self.output_dir / args.logging_dir)
+            ),
+        )
+        if self.accelerator.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
+            raise TrainingError("--mixed_precision fp16 needs a GPU; on CPU use --mixed_precision bf16 or no")
+        self.resume = checkpointing.resolve_checkpoint(args.resume_from_checkpoint, self.checkpoints_dir)
+        _check_output_dir(args, resuming=args.resume_from_checkpoint is not None)
+        set_seed(args.seed)  # identical initial weights on every process
+
+        self.unet = build_model(args)
+        self.noise_scheduler = make_noise_scheduler(args)
+        self.timestep_sampler = create_timestep_sampler(args.timestep_sampler, args.num_train_timesteps)
+        with self.accelerator.main_process_first():  # the main process decodes and caches, the others read it
+            self.data = load_training_data(args, self.unet)
+        self.world = self.accelerator.num_processes
+        self.global_micro_batch = args.train_batch_size * self.world
+        self.global_batch = self.global_micro_batch * args.gradient_accumulation_steps
+        if len(self.data) < self.global_micro_batch:
+            raise TrainingError(
+                f"the dataset has {len(self.data)} images, fewer than one global batch of {self.global_micro_batch} "
+                f"({args.train_batch_size} per process x {self.world} processes); lower --train_batch_size"
+            )
+        self.order = _EpochOrder(len(self.data), self.global_micro_batch, args.seed)
+        steps_per_epoch = max(self.order.micro_steps_per_epoch // args.gradient_accumulation_steps, 1)
+        self.max_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
+        self.num_params = sum(p.numel() for p in self.unet.parameters())
+
+        optimizer = torch.optim.AdamW(
+            self.unet.parameters(),
+            lr=args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            weight_decay=args.adam_weight_decay,
+            eps=args.adam_epsilon,
+        )
+        self.lr_scheduler = get_scheduler(
+            args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=self.max_steps
+        )
+        self.model, self.optimizer = self.accelerator.prepare(self.unet, optimizer)
+        self.unet = self.accelerator.unwrap_model(self.model)
+        self.accelerator.register_for_checkpointing(self.lr_scheduler)  # stepped by hand, once per optimizer step
+        self.accelerator.register_for_checkpointing(self.timestep_sampler)
+        self.ema = None
+        if args.use_ema:
+            self.ema = EMAModel(
+                self.unet.parameters(),
+                decay=args.ema_max_decay,
+                use_ema_warmup=True,
+                inv_gamma=args.ema_inv_gamma,
+                power=args.ema_power,
+                model_cls=UNet2DModel,
+                model_config=self.unet.config,
+            )
+            self.ema.to(self.accelerator.device)
+            self.accelerator.register_for_checkpointing(self.ema)
+        self.hub = _HubPusher(args) if args.push_to_hub else None
+
+    def train(self) -> dict[str, Any]:
+        """Run to `max_steps`, checkpointing on the way; then export. Returns training_summary.json's results."""
+        args, accelerator = self.args, self.accelerator
+        global_step, earlier_wall_time = 0, 0.0
+        if self.resume is not None:
+            state = checkpointing.load_checkpoint(accelerator, self.resume)
+            global_step, earlier_wall_time = state["global_step"], state["wall_time_s"]
+            logger.info("resumed from %s at step %d", self.resume, global_step)
+        elif args.resume_from_checkpoint == "latest":
+            logger.info("no checkpoint in %s yet; starting a fresh run", self.checkpoints_dir)
+        logger.info(
+            "%d images, %s parameters; batch %d per process x %d process(es) x %d accumulation = global batch %d; "
+            "%d optimizer steps",
+            len(self.data), f"{self.num_params:,}", args.train_batch_size, self.world,
+            args.gradient_accumulation_steps, self.global_batch, self.max_steps,
+        )
+        if accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            hparams = {k: v for k, v in args.to_dict().items() if isinstance(v, (int, float, str, bool))}
+            accelerator.init_trackers("hf_ddpm", config=hparams)
+
+        progress = tqdm(
+            total=self.max_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="train"
+        )
+        start = tick = time.perf_counter()
+        loss_avg, images_seen, wall_time = None, 0, earlier_wall_time
+        micro_step = global_step * args.gradient_accumulation_steps
+        self.model.train()
+        while global_step < self.max_steps:
+            loss, grad_norm = self._micro_step(micro_step)
+            micro_step += 1
+            if not accelerator.sync_gradients:
+                continue
+            self.lr_scheduler.step()
+            if self.ema is not None:
+                self.ema.step(self.unet.parameters())
+            global_step += 1
+            step_loss = accelerator.gather(loss.detach()).mean().item()
+            if not math.isfinite(step_loss):
+                last = checkpointing.list_checkpoints(self.checkpoints_dir)
+                raise TrainingError(
+                    f"the loss is {step_loss} at step {global_step}; stopped without saving. Last good checkpoint: "
+                    f"{last[-1] if last else 'none'}. Lower --learning_rate, keep --max_grad_norm, or avoid fp16"
+                )
+            loss_avg = step_loss if loss_avg is None else 0.98 * loss_avg + 0.02 * step_loss
+            images_seen += self.global_batch
+            progress.update(1)
+
+            if global_step % args.logging_steps == 0 or global_step == self.max_steps:
+                elapsed = time.perf_counter() - tick
+                logs = {
+                    "loss": step_loss,
+                    "loss_smoothed": loss_avg,
+                    "lr": self.lr_scheduler.get_last_lr()[0],
+                    "images_per_second": images_seen / elapsed,
+                }
+                if grad_norm is not None:
+                    logs["grad_norm"] = float(grad_norm)
+                if self.ema is not None:
+                    logs["ema_decay"] = self.ema.cur_decay_value
+                accelerator.log(logs, step=global_step)
+                progress.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{logs['images_per_second']:.0f}")
+                images_seen, tick = 0, time.perf_counter()
+
+            if args.sample_every and global_step % args.sample_every == 0 and global_step < self.max_steps:
+                self._log_preview(global_step)
+            wall_time = earlier_wall_time + time.perf_counter() - start
+            if global_step % args.checkpointing_steps == 0 or global_step == self.max_steps:
+                state = {"global_step": global_step, "micro_step": micro_step, "wall_time_s": wall_time}
+                checkpointing.save_checkpoint(
+                    accelerator, self.checkpoints_dir, global_step, state, args.checkpoints_total_limit
+                )
+                saved = global_step // args.checkpointing_steps
+                push_now = self.hub and args.hub_push_every and saved % args.hub_push_every == 0
+                if push_now and global_step < self.max_steps:
+                    self._export(global_step, wall_time, loss_avg)
+                    self.hub.push_async(accelerator, f"step {global_step}")
+        progress.close()
+
+        results = self._export(global_step, wall_time, loss_avg, final_samples=True)
+        if self.hub:
+            self.hub.push_async(accelerator, f"end of training, step {global_step}")
+            self.hub.wait()
+        accelerator.end_training()
+        return results
+
+    def _micro_step(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Forward and backward on this process's share of micro-batch `micro_step`; steps the optimizer on sync."""
+        args, accelerator = self.args, self.accelerator
+        rank = accelerator.process_index
+        generator = torch.Generator().manual_seed(derived_seed(args.seed, micro_step, rank))
+        rows = self.order.indices(micro_step, rank, args.train_batch_size)
+        x0 = self.data.get_batch(rows, generator, random_flip=args.random_flip)
+        timesteps, weights = self.timestep_sampler.sample(len(rows), "cpu", generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        x0, noise, timesteps, weights = (v.to(accelerator.device) for v in (x0, noise, timesteps, weights))
+        grad_norm = None
+        with accelerator.accumulate(self.model):
+            xt = self.noise_scheduler.q_sample(x0, timesteps, noise)
+            model_output = self.model(xt, timesteps).sample
+            losses = self.noise_scheduler.training_loss(
+                model_output.float(),
+                x0,
+                noise,
+                timesteps,
+                loss_weighting=args.loss_weighting,
+                snr_gamma=args.snr_gamma,
+                vlb_lambda=args.vlb_lambda,
+            )
+            loss = (losses * weights).mean()
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and args.max_grad_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if not isinstance(self.timestep_sampler, UniformSampler):
+            # every process feeds the same gathered losses, so the sampler's state stays identical on all ranks
+            self.timestep_sampler.update(*accelerator.gather((timesteps, losses.detach())))
+        return loss, grad_norm
+
+    def _sampling_pipeline(self) -> DDPMPipeline:
+        """A pipeline on a copy of the weights that samples are drawn from: the EMA ones when EMA is on."""
+        copy = UNet2DModel.from_config(self.unet.config).to(self.accelerator.device)
+        if self.ema is None:
+            copy.load_state_dict(self.unet.state_dict())
+        else:
+            self.ema.copy_to(copy.parameters())
+        copy.eval()
+        pipe = DDPMPipeline(unet=copy, scheduler=DDPMScheduler.from_config(self.noise_scheduler.config))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def _log_preview(self, step: int) -> None:
+        """A few-step sample grid in tensorboard; every process draws its share, so none waits into a timeout."""
+        args = self.args
+        images = sampling.generate(
+            self._sampling_pipeline(),
+            args.num_preview_images,
+            sampler=args.preview_sampler,
+            num_inference_steps=args.preview_steps,
+            seed=args.seed,
+            batch_size=args.num_preview_images,
+            accelerator=self.accelerator,
+            progress=False,
+        )
+        if self.accelerator.is_main_process and args.report_to in ("tensorboard", "all"):
+            writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
+            writer.add_images("samples", images, step, dataformats="NCHW")
+
+    def _export(self, step: int, wall_time: float, loss_avg: float | None, final_samples: bool = False) -> dict:
+        """Write the pipeline (EMA weights), samples.png, training_summary.json and the model card."""
+        from hf_ddpm.model_card import write_model_card
+
+        args, accelerator = self.args, self.accelerator
+        if self.hub:
+            self.hub.wait()  # never rewrite the folder while a push reads it
+        pipe = self._sampling_pipeline()
+        if final_samples:
+            images = sampling.generate(
+                pipe,
+                args.num_final_images,
+                sampler=args.final_sampler,
+                num_inference_steps=args.final_steps,
+                seed=args.seed,
+                batch_size=min(args.num_final_images, 256),
+                accelerator=accelerator,
+                progress=accelerator.is_main_process,
+            )
+        results = {
+            "global_step": step,
+            "num_parameters": self.num_params,
+            "world_size": self.world,
+            "global_batch_size": self.global_batch,
+            "wall_time_s": round(wall_time, 1),
+            "images_per_second": round(step * self.global_batch / max(wall_time, 1e-9), 1),
+            "final_loss": loss_avg,
+            "hardware": _hardware(accelerator),
+            "mixed_precision": accelerator.mixed_precision,
+            "num_train_images": len(self.data),
+            "dataset": args.train_data_dir or args.dataset_name or BUILTIN_DIGITS,
+        }
+        if accelerator.is_main_process:
+            checkpointing.export_pipeline(pipe, self.output_dir)
+            if final_samples:
+                sampling.save_images(images, self.output_dir / SAMPLES_FILE)
+            checkpointing.write_json(self.output_dir / SUMMARY_FILE, {"config": args.to_dict(), "results": results})
+            write_model_card(self.output_dir, repo_id=args.hub_model_id)
+        accelerator.wait_for_everyone()
+        return results
+
+
+def train(args: TrainingArguments) -> dict[str, Any]:
+    """Train as `args` says; what `accelerate launch scripts/train.py` runs."""
+    return Trainer(args).train()
+
+
+class _HubPusher:
+    """Pushes the exported folder from a background thread on the main process, so training never waits on it."""
+
+    def __init__(self, args: TrainingArguments):
+        if not args.hub_model_id:
+            raise TrainingError("--push_to_hub needs --hub_model_id org/name")
+        self.args = args
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending: Future | None = None
+
+    def push_async(self, accelerator: Accelerator, what: str) -> None:
+        if not accelerator.is_main_process:
+            return
+        from hf_ddpm.hub import push_to_hub
+
+        self.wait()
+        a = self.args
+        self.pending = self.pool.submit(
+            push_to_hub, a.output_dir, a.hub_model_id, token=a.hub_token, private=a.hub_private_repo,
+            revision=a.hub_revision, push_checkpoints=a.push_checkpoints, push_logs=a.push_logs,
+            commit_message=f"hf_ddpm: {what}", overwrite_model_card=a.overwrite_model_card,
+        )
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None

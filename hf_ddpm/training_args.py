@@ -1,0 +1,159 @@
+"""Every option of `scripts/train.py`, as one dataclass that transformers' `HfArgumentParser` turns into CLI flags.
+
+Values are resolved in this order, later ones winning: the defaults below, the chosen preset's
+`train_defaults`, a YAML or JSON file given with `--config`, then flags on the command line:
+
+    accelerate launch scripts/train.py --config configs/ddpm_cifar10.yaml --train_batch_size 64
+
+Flag names follow diffusers' examples/unconditional_image_generation/train_unconditional.py where it has one.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser
+
+from hf_ddpm.presets import get_preset, list_presets
+
+
+@dataclass
+class TrainingArguments:
+    # Model
+    preset: str = field(
+        default="digits-16",
+        metadata={"help": f"UNet preset ({', '.join(list_presets())}), a config.json, or a model folder to start from"},
+    )
+    unet_overrides: str | None = field(
+        default=None, metadata={"help": 'JSON object of UNet2DModel fields to override, e.g. \'{"dropout": 0.1}\''}
+    )
+    # Data
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Hub dataset id, local dataset repo, save_to_disk folder, or builtin:digits (default)"},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "dataset configuration name"})
+    split: str = field(default="train", metadata={"help": "dataset split to train on"})
+    train_data_dir: str | None = field(default=None, metadata={"help": "a folder of image files to train on"})
+    image_column: str | None = field(default=None, metadata={"help": "image column (found automatically if unset)"})
+    cache_dir: str | None = field(default=None, metadata={"help": "datasets cache directory"})
+    resolution: int | None = field(default=None, metadata={"help": "image size (default: the preset's sample_size)"})
+    center_crop: bool = field(default=True, metadata={"help": "centre-crop after resizing the short side"})
+    random_crop: bool = field(default=False, metadata={"help": "random instead of centre crop (augmentation)"})
+    random_flip: bool = field(default=False, metadata={"help": "random horizontal flips (augmentation)"})
+    skip_bad_images: bool = field(default=False, metadata={"help": "log and skip unreadable images instead of failing"})
+    max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N images"})
+    # Run
+    output_dir: str = field(default="output", metadata={"help": "where the pipeline, samples, logs and checkpoints go"})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "allow a fresh run into a folder that already holds a trained pipeline"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed for weights, data order, noise and augmentation"})
+    train_batch_size: int = field(default=64, metadata={"help": "images per process per micro-step"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
+    max_train_steps: int | None = field(default=None, metadata={"help": "optimizer steps (overrides --num_epochs)"})
+    num_epochs: int = field(default=70, metadata={"help": "passes over the data when --max_train_steps is unset"})
+    mixed_precision: str | None = field(
+        default=None, metadata={"help": "no, fp16 or bf16 (default: accelerate's config); weights stay fp32"}
+    )
+    # Optimisation
+    learning_rate: float = field(default=2e-4, metadata={"help": "AdamW peak learning rate"})
+    lr_scheduler: str = field(
+        default="constant_with_warmup", metadata={"help": "any name of transformers' get_scheduler (cosine, linear..)"}
+    )
+    lr_warmup_steps: int = field(default=500, metadata={"help": "linear warm-up, in optimizer steps"})
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 0.0
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 disables)"})
+    use_ema: bool = field(default=True, metadata={"help": "keep an EMA of the weights and export it"})
+    ema_max_decay: float = field(default=0.9999, metadata={"help": "EMA decay after warm-up"})
+    ema_inv_gamma: float = field(default=1.0, metadata={"help": "EMA warm-up inverse multiplicative factor"})
+    ema_power: float = field(default=0.75, metadata={"help": "EMA warm-up exponent"})
+    # Diffusion
+    num_train_timesteps: int = 1000
+    beta_schedule: str = field(default="linear", metadata={"help": "linear, scaled_linear or squaredcos_cap_v2"})
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    prediction_type: str = field(default="epsilon", metadata={"help": "epsilon, sample or v_prediction"})
+    variance_type: str = field(
+        default="fixed_small", metadata={"help": "fixed_small, fixed_large, or learned_range (hybrid loss)"}
+    )
+    loss_weighting: str = field(default="uniform", metadata={"help": "uniform (L_simple), min_snr or vlb"})
+    snr_gamma: float = field(default=5.0, metadata={"help": "gamma of min-SNR weighting"})
+    vlb_lambda: float = field(default=0.001, metadata={"help": "weight of the VLB term in the hybrid loss"})
+    timestep_sampler: str = field(default="uniform", metadata={"help": "uniform or loss-second-moment"})
+    # Watching the run
+    logging_dir: str = field(default="logs", metadata={"help": "tensorboard folder, inside --output_dir"})
+    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb, all or none"})
+    logging_steps: int = field(default=10, metadata={"help": "log scalars every N steps"})
+    sample_every: int = field(default=500, metadata={"help": "log a sample grid every N steps (0: never)"})
+    num_preview_images: int = field(default=16, metadata={"help": "images in each logged grid"})
+    preview_sampler: str = field(default="dpmsolver++", metadata={"help": "sampler for logged grids"})
+    preview_steps: int = field(default=20, metadata={"help": "sampler steps for logged grids"})
+    num_final_images: int = field(default=64, metadata={"help": "images in the final samples.png"})
+    final_sampler: str = field(default="ddpm", metadata={"help": "sampler for samples.png"})
+    final_steps: int | None = field(default=None, metadata={"help": "sampler steps for samples.png"})
+    eval_every: int = field(default=0, metadata={"help": "compute --eval_metric every N steps, keep best/ (0: never)"})
+    eval_metric: str = field(default="digits", metadata={"help": "metric for --eval_every (digits, fid, ...)"})
+    eval_num_samples: int = field(default=256, metadata={"help": "samples for --eval_every"})
+    # Checkpoints
+    checkpointing_steps: int = field(default=500, metadata={"help": "save a resumable checkpoint every N steps"})
+    checkpoints_total_limit: int | None = field(default=3, metadata={"help": "keep at most N checkpoints"})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder"})
+    # Hub
+    push_to_hub: bool = field(default=False, metadata={"help": "push the exported pipeline at the end"})
+    hub_model_id: str | None = field(default=None, metadata={"help": "org/name of the Hub repo"})
+    hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: HF_TOKEN or login cache)"})
+    hub_private_repo: bool = field(default=False, metadata={"help": "create the Hub repo as private"})
+    hub_revision: str | None = field(default=None, metadata={"help": "branch to push to"})
+    hub_push_every: int = field(default=0, metadata={"help": "also push every N checkpoints (0: only at the end)"})
+    push_checkpoints: bool = field(default=False, metadata={"help": "upload checkpoints/ too"})
+    push_logs: bool = field(default=False, metadata={"help": "upload logs/ too"})
+    overwrite_model_card: bool = field(default=False, metadata={"help": "replace a README edited on the Hub"})
+
+    def to_dict(self) -> dict[str, Any]:
+        """All arguments, without secrets: what training_summary.json and the model card record."""
+        values = asdict(self)
+        values.pop("hub_token")
+        return values
+
+
+def parse_training_args(argv: list[str] | None = None) -> TrainingArguments:
+    """Parse flags (and `--config FILE`) into `TrainingArguments`, with the preset's defaults filled in."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(TrainingArguments)
+    parser.add_argument("--config", default=None, help="YAML or JSON file of arguments; flags override it")
+    parser.add_argument("--list_presets", action="store_true", help="print the UNet presets and exit")
+    first, _ = parser.parse_known_args(argv)
+    if first.list_presets:
+        for name in list_presets():
+            print(f"{name:18s} {get_preset(name).description}")
+        raise SystemExit(0)
+    from_file = _read_config_file(first.config) if first.config else {}
+    preset_name = from_file.get("preset", first.preset)
+    preset_defaults = get_preset(preset_name).train_defaults if preset_name in list_presets() else {}
+    parser.set_defaults(**{**preset_defaults, **from_file})
+    args, extra = parser.parse_args_into_dataclasses(args=argv)
+    return args
+
+
+def _read_config_file(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise SystemExit(f"error: --config {path}: no such file")
+    text = file.read_text()
+    values = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    if not isinstance(values, dict):
+        raise SystemExit(f"error: --config {path}: expected a mapping of argument names to values")
+    known = {f.name for f in fields(TrainingArguments)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SystemExit(f"error: --config {path}: unknown argument(s) {unknown}; see scripts/train.py --help")
+    return values

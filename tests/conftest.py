@@ -6,6 +6,7 @@ run a subprocess with their own environment.
 """
 
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -36,3 +37,26 @@ def _fresh_accelerate_state():
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+# Prologue for a Python process that must behave like a user's machine WITHOUT hf_ddpm: it drops the editable
+# install's import hooks and any path entry that would find the checkout, then proves hf_ddpm is unimportable.
+_WITHOUT_HF_DDPM = """
+import importlib.util, sys
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+sys.path_hooks[:] = [h for h in sys.path_hooks if not getattr(h, "__module__", "").startswith("__editable__")]
+sys.path[:] = [p for p in sys.path if p not in ("", ".", {repo!r})]
+sys.path_importer_cache.clear()
+assert importlib.util.find_spec("hf_ddpm") is None, "hf_ddpm is importable"
+"""
+
+
+def run_without_hf_ddpm(code: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter where hf_ddpm cannot be imported; raises if it fails."""
+    prologue = _WITHOUT_HF_DDPM.format(repo=str(REPO_ROOT))
+    result = subprocess.run(
+        [PYTHON, "-c", prologue + code], cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result

@@ -1,0 +1,341 @@
+"""Share trained DDPMs on the Hugging Face Hub, and load them back by repo id.
+
+    >>> from hf_ddpm.hub import load_pipeline, push_to_hub
+    >>> push_to_hub("output", "me/ddpm-digits")      # pipeline, model card, samples and metrics, in one commit
+    'https://huggingface.co/me/ddpm-digits/commit/...'
+    >>> pipe = load_pipeline("me/ddpm-digits")       # or a local folder; revision= a branch, tag or commit
+
+Pushing uses huggingface_hub (`create_repo`, `create_branch`, `create_commit`): unchanged files are skipped and
+LFS objects already on the Hub are not sent again, so re-running a failed push completes it. Transient failures
+(5xx, connection errors, timeouts) are retried with exponential backoff; 4xx answers are not. The output folder is
+only read: the model card is rendered in memory for the repo. `checkpoints/` and `logs/` stay local unless asked.
+
+The token comes from the argument, else `HF_TOKEN`, else `hf auth login`'s cache; it never appears in a log
+line, an error message or an uploaded file (a push that would upload it is refused). Failures are raised as
+`HubError` with one line that says what to fix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token, hf_hub_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    LocalTokenNotFoundError,
+    OfflineModeIsEnabled,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects, httpx
+
+from hf_ddpm.model_card import card_was_edited, render_model_card
+
+if TYPE_CHECKING:
+    from hf_ddpm.pipeline import DDPMPipeline
+
+logger = logging.getLogger(__name__)
+
+TOKEN_HINT = "pass --hub_token, set HF_TOKEN or run `hf auth login`"
+RETRY_WAIT_S = 1.0  # first backoff delay; doubles after each failed attempt
+_MAX_WAIT_S = 30.0
+_TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{20,}")
+_T = TypeVar("_T")
+
+
+class HubError(RuntimeError):
+    """A Hub problem, explained in one line that never contains the token."""
+
+
+def redact(text: str, token: str | None = None) -> str:
+    """`text` with `token`, and anything shaped like a Hugging Face token (`hf_...`), masked."""
+    if token:
+        text = text.replace(token, "***")
+    return _TOKEN_LIKE.sub("hf_***", text)
+
+
+def push_to_hub(
+    output_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    push_checkpoints: bool = False,
+    push_logs: bool = False,
+    commit_message: str | None = None,
+    overwrite_model_card: bool = False,
+    endpoint: str | None = None,
+    max_retries: int = 5,
+) -> str:
+    """Upload a training output folder to the Hub repo `repo_id` in one commit; return the commit URL.
+
+    `repo_id` is "namespace/name", or "name" for the token's user. The repo is created if missing (`private`
+    applies then), and so is the branch `revision` (from main). The commit holds everything in `output_dir`
+    except `checkpoints/` (unless `push_checkpoints`), `logs/` (unless `push_logs`) and hidden files, plus the
+    model card rendered for `repo_id`. A README.md on the Hub that was edited by hand is kept unless
+    `overwrite_model_card`; a README.md in `output_dir` edited by hand is pushed as it is. `endpoint` defaults to
+    `HF_ENDPOINT`; `max_retries` bounds the retries of each step. A file holding the token is never uploaded.
+    """
+    folder = Path(output_dir)
+    if not (folder / "model_index.json").is_file():
+        raise HubError(f"{folder} is not a pipeline folder (no model_index.json): pass the training output_dir")
+    if constants.HF_HUB_OFFLINE:
+        raise HubError("HF_HUB_OFFLINE=1 is set: unset it to push to the Hub")
+    token = token or get_token()
+    api = HfApi(endpoint=endpoint, token=token)
+    paths = _files_to_push(folder, push_checkpoints, push_logs)
+
+    def retrying(step: str, call: Callable[[], _T]) -> _T:
+        return _with_retries(call, step, max_retries, token)
+
+    try:
+        if "/" not in repo_id:  # the token's own namespace, which the card's usage snippet must name
+            repo_id = f"{retrying('asking the Hub whose token this is', api.whoami)['name']}/{repo_id}"
+        card = _card_text(folder, repo_id)
+        _refuse_token_upload(folder, paths, card, token)
+        retrying("creating the repo", lambda: api.create_repo(repo_id, private=private, exist_ok=True))
+        if revision is not None:
+            retrying("creating the branch", lambda: api.create_branch(repo_id, branch=revision, exist_ok=True))
+        keep_remote_card = not overwrite_model_card and retrying(
+            "reading the model card on the Hub", lambda: _remote_card_was_edited(api, repo_id, revision, card)
+        )
+        if keep_remote_card:
+            logger.warning(
+                "kept the README.md of %s: it was edited on the Hub; pass --overwrite_model_card to replace it", repo_id
+            )
+        logger.info("pushing %d files from %s to %s", len(paths) + (not keep_remote_card), folder, repo_id)
+        info = retrying(
+            "committing",
+            lambda: api.create_commit(
+                repo_id,
+                operations=[
+                    *(CommitOperationAdd(path_in_repo=path, path_or_fileobj=folder / path) for path in paths),
+                    *([] if keep_remote_card else [CommitOperationAdd("README.md", card.encode("utf-8"))]),
+                ],
+                commit_message=commit_message or "Upload DDPM pipeline, model card, samples and metrics (hf_ddpm)",
+                revision=revision,
+            ),
+        )
+    except HubError:
+        raise
+    except (HfHubHTTPError, httpx.HTTPError, OSError, RuntimeError, ValueError) as err:
+        raise HubError(_push_error_message(err, repo_id, token)) from err
+    logger.info("pushed %s: %s", repo_id, info.commit_url)
+    return info.commit_url
+
+
+def load_pipeline(
+    repo_id_or_path: str | os.PathLike, revision: str | None = None, token: str | None = None, **kwargs: Any
+) -> DDPMPipeline:
+    """Load an hf_ddpm (or plain diffusers) DDPM pipeline from a Hub repo id or a local folder.
+
+    `revision` is a branch, tag or commit; `token` defaults to `HF_TOKEN` / the login cache; `kwargs` go to
+    `hf_ddpm.pipeline.DDPMPipeline.from_pretrained` (`cache_dir`, `local_files_only`, `allow_pickle`, ...).
+    Raises `HubError` in one line for a missing repo or revision, a token the Hub refuses, offline mode without
+    a cached copy, or a folder/repo that is not a DDPM pipeline.
+    """
+    from hf_ddpm.pipeline import DDPMPipeline  # torch and diffusers load here, not for pushing
+
+    source = os.fspath(repo_id_or_path)
+    try:
+        _check_ddpm_index(source, revision, token, kwargs.get("cache_dir"), kwargs.get("local_files_only", False))
+        return DDPMPipeline.from_pretrained(source, revision=revision, token=token, **kwargs)
+    except HubError:
+        raise
+    except (HfHubHTTPError, httpx.HTTPError, OSError, ValueError) as err:
+        message = _load_error_message(err, source, revision, token, kwargs.get("cache_dir"))
+        if message is None:
+            raise
+        raise HubError(message) from err
+
+
+def _files_to_push(folder: Path, push_checkpoints: bool, push_logs: bool) -> list[str]:
+    """Repo paths of the files to upload (the model card is rendered separately)."""
+    ignore = [*DEFAULT_IGNORE_PATTERNS, ".*", "*/.*", "README.md"]
+    ignore += [] if push_checkpoints else ["checkpoints/*"]
+    ignore += [] if push_logs else ["logs/*"]
+    paths = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
+    return list(filter_repo_objects(paths, ignore_patterns=ignore))
+
+
+def _card_text(folder: Path, repo_id: str) -> str:
+    """The card to push: the local README.md if edited by hand, else a fresh one naming `repo_id`."""
+    local = folder / "README.md"
+    if local.is_file() and card_was_edited(text := local.read_text(encoding="utf-8")):
+        logger.info("pushing %s as the model card: it was edited by hand", local)
+        return text
+    return str(render_model_card(folder, repo_id=repo_id))
+
+
+def _refuse_token_upload(folder: Path, paths: list[str], card: str, token: str | None) -> None:
+    """Raise HubError if any file to push, or the card, contains the token (e.g. saved training arguments)."""
+    if not token:
+        return
+    leaks = [path for path in paths if _file_contains(folder / path, token.encode())]
+    leaks += ["README.md"] if token in card else []
+    if leaks:
+        raise HubError(f"refusing to push: {', '.join(leaks)} contain(s) the Hub token; remove it from the file(s)")
+
+
+def _file_contains(path: Path, needle: bytes) -> bool:
+    with open(path, "rb") as file:
+        if os.fstat(file.fileno()).st_size == 0:
+            return False
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as content:
+            return content.find(needle) != -1
+
+
+def _remote_card_was_edited(api: HfApi, repo_id: str, revision: str | None, card: str) -> bool:
+    """Whether the repo has a README.md that differs from `card` and was edited by hand."""
+    with tempfile.TemporaryDirectory() as cache:  # not the user's HF cache, and never the output folder
+        try:
+            remote = Path(api.hf_hub_download(repo_id, "README.md", revision=revision, cache_dir=cache))
+        except RemoteEntryNotFoundError:
+            return False
+        text = remote.read_text(encoding="utf-8")
+    return text != card and card_was_edited(text)
+
+
+def _with_retries(call: Callable[[], _T], step: str, max_retries: int, token: str | None) -> _T:
+    """`call()`, retried with exponential backoff while it fails transiently, at most `max_retries` times."""
+    attempt = 0
+    while True:
+        try:
+            return call()
+        except Exception as err:
+            if attempt == max_retries or not _is_transient(err):
+                raise
+            wait = min(RETRY_WAIT_S * 2**attempt, _MAX_WAIT_S)
+            attempt += 1
+            logger.warning(
+                "%s failed (%s); retry %d/%d in %.0f s", step, redact(_one_line(err), token), attempt, max_retries, wait
+            )
+            time.sleep(wait)
+
+
+def _causes(err: BaseException) -> Iterator[BaseException]:
+    """`err` and the exceptions it was raised from (huggingface_hub and diffusers wrap the HTTP errors)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _http_status(err: BaseException) -> int | None:
+    """The status of the first HTTP answer in the chain of `err`, if any."""
+    for cause in _causes(err):
+        if isinstance(cause, HfHubHTTPError) and cause.response is not None:
+            return cause.response.status_code
+    return None
+
+
+def _is_transient(err: BaseException) -> bool:
+    """5xx answers, connection errors and timeouts; never a 4xx answer."""
+    for cause in _causes(err):
+        if isinstance(cause, HfHubHTTPError) and cause.response is not None:
+            return cause.response.status_code >= 500
+        if isinstance(cause, httpx.TransportError):
+            return True
+    return False
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _push_error_message(err: BaseException, repo_id: str, token: str | None) -> str:
+    status = _http_status(err)
+    if status == 401 or isinstance(err, LocalTokenNotFoundError):
+        if token:
+            return f"the Hub rejected the token (401): {TOKEN_HINT} with a valid token"
+        return f"no Hugging Face token found, and the Hub needs one to push: {TOKEN_HINT}"
+    if status == 403:
+        return f"the token cannot write to {repo_id} (403): {TOKEN_HINT} with a token that has write access to it"
+    return f"pushing to {repo_id} failed: {redact(_one_line(err), token)}"
+
+
+def _check_ddpm_index(
+    source: str, revision: str | None, token: str | None, cache_dir: str | None, local_files_only: bool
+) -> None:
+    """Raise HubError unless `source`'s model_index.json describes a DDPMPipeline with a unet and a scheduler."""
+    if Path(source).is_dir():
+        index_path = Path(source) / "model_index.json"
+        if not index_path.is_file():
+            raise HubError(f"{source} is not a DDPM pipeline: it has no model_index.json")
+    else:
+        try:
+            index_path = Path(
+                hf_hub_download(
+                    source,
+                    "model_index.json",
+                    revision=revision,
+                    token=token,
+                    cache_dir=cache_dir,
+                    local_files_only=local_files_only,
+                )
+            )
+        except RemoteEntryNotFoundError as err:
+            raise HubError(f"{source} is not a DDPM pipeline: the repo has no model_index.json") from err
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    components = [name for name in ("unet", "scheduler") if (index.get(name) or [None])[-1]]
+    if index.get("_class_name") != "DDPMPipeline" or len(components) < 2:
+        raise HubError(
+            f"{source} is not a DDPM pipeline: its model_index.json describes {index.get('_class_name')!r} with "
+            f"components {sorted(k for k in index if not k.startswith('_'))}; a DDPMPipeline with a unet and a "
+            "scheduler is needed"
+        )
+
+
+def _load_error_message(
+    err: BaseException, source: str, revision: str | None, token: str | None, cache_dir: str | None
+) -> str | None:
+    """One line explaining why loading `source` failed, or None for errors that are not about the Hub."""
+    causes = list(_causes(err))
+    status = _http_status(err)
+    where = f"{source} at revision {revision!r}" if revision else source
+
+    def found(*kinds: type[BaseException]) -> bool:
+        return any(isinstance(cause, kinds) for cause in causes)
+
+    if found(RevisionNotFoundError):
+        return f"revision {revision or 'main'!r} does not exist in {source}: check the branch, tag or commit"
+    if found(GatedRepoError):
+        return f"{source} is gated: accept its conditions on its Hub page, then {TOKEN_HINT}"
+    if status == 401 and not found(RepositoryNotFoundError):
+        return f"the Hub rejected the token (401) for {source}: {TOKEN_HINT} with a valid token"
+    if found(RepositoryNotFoundError):
+        if token or get_token():
+            return f"repository {source} not found on the Hub, or the token cannot read it: check the repo id"
+        return f"repository {source} not found on the Hub: check the repo id; if it is private, {TOKEN_HINT}"
+    if status == 403:
+        return f"the token cannot read {source} (403): {TOKEN_HINT} with a token that has read access"
+    if found(HFValidationError):
+        return f"{source} is neither a local folder nor a valid Hub repo id"
+    cache = cache_dir or constants.HF_HUB_CACHE
+    if constants.HF_HUB_OFFLINE and found(LocalEntryNotFoundError, OfflineModeIsEnabled, FileNotFoundError):
+        return (
+            f"HF_HUB_OFFLINE=1 is set and {where} is not in the HF cache ({cache}): "
+            "load it once with HF_HUB_OFFLINE unset, or pass a local folder"
+        )
+    if found(LocalEntryNotFoundError, httpx.TransportError):
+        return (
+            f"could not reach the Hub at {constants.ENDPOINT} and {where} is not in the HF cache ({cache}): "
+            "check the connection and HF_ENDPOINT"
+        )
+    return None

@@ -1,0 +1,185 @@
+"""The model card rendered from a training output folder: Hub-valid metadata, usable snippets, graceful gaps."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard, metadata_load
+from huggingface_hub.repocard_data import model_index_to_eval_results
+
+from hf_ddpm.model_card import TAGS, card_was_edited, render_model_card, template_path, write_model_card
+
+REPO = "alice/ddpm-mnist"
+SECRET = "hf_" + "Secret0token" * 3
+CONFIG = {
+    "preset": "digits-16",
+    "dataset_name": "ylecun/mnist",
+    "resolution": 16,
+    "train_batch_size": 16,
+    "gradient_accumulation_steps": 2,
+    "learning_rate": 0.001,
+    "max_train_steps": 2000,
+    "mixed_precision": "bf16",
+    "prediction_type": "epsilon",
+    "use_ema": True,
+    "hub_model_id": REPO,
+    "hub_token": SECRET,
+    "seed": 0,
+}
+RESULTS = {
+    "global_step": 2000,
+    "num_parameters": 1_512_345,
+    "world_size": 4,
+    "global_batch_size": 128,
+    "wall_time_s": 3725.3,
+    "images_per_second": 68.75,
+    "final_loss": 0.0345,
+    "hardware": "4x NVIDIA A100",
+    "num_train_images": 60000,
+    "dataset": "ylecun/mnist",
+}
+EVALUATIONS = [
+    {"metric": "fid", "value": 12.3456, "sampler": "ddpm", "num_inference_steps": 1000, "num_samples": 10000,
+     "dataset": "ylecun/mnist", "split": "test"},
+    {"metric": "fid", "value": 14.1, "sampler": "dpmsolver++", "num_inference_steps": 20, "num_samples": 10000,
+     "dataset": "ylecun/mnist", "split": "test"},
+    {"metric": "nll_bpd", "value": 1.23, "sampler": None, "num_inference_steps": None, "num_samples": None,
+     "dataset": "ylecun/mnist", "split": "test"},
+]  # fmt: skip
+
+
+def make_output(folder: Path, config: dict | None = None, evaluations: list | None = None) -> Path:
+    """The JSON side of a training output (the card does not read weights)."""
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "config.json").write_text(json.dumps({"sample_size": 16, "in_channels": 1}))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline"}))
+    (folder / "samples.png").write_bytes(b"\x89PNG")
+    summary = {"config": CONFIG if config is None else config, "results": RESULTS}
+    (folder / "training_summary.json").write_text(json.dumps(summary))
+    if evaluations is not None:
+        (folder / "eval_results.json").write_text(json.dumps({"results": evaluations}))
+    return folder
+
+
+def python_blocks(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+
+
+def test_card_metadata_parses_with_huggingface_hub_and_round_trips_the_metrics(tmp_path: Path) -> None:
+    path = write_model_card(make_output(tmp_path / "out", evaluations=EVALUATIONS), repo_id=REPO)
+
+    card = ModelCard.load(path)
+    assert card.data.license == "apache-2.0"
+    assert card.data.library_name == "diffusers"
+    assert card.data.pipeline_tag == "unconditional-image-generation"
+    assert card.data.tags == TAGS
+    assert card.data.datasets == ["ylecun/mnist"]
+    assert card.data.model_name == "ddpm-mnist"
+
+    metadata = metadata_load(path)
+    name, results = model_index_to_eval_results(metadata["model-index"])
+    assert name == "ddpm-mnist"
+    assert [(r.metric_type, r.metric_value, r.dataset_type, r.dataset_split) for r in results] == [
+        (e["metric"], e["value"], e["dataset"], e["split"]) for e in EVALUATIONS
+    ]
+    assert results[1].metric_args == {"sampler": "dpmsolver++", "num_inference_steps": 20, "num_samples": 10000}
+    assert results[1].metric_name == "FID (dpmsolver++, 20 steps, 10000 samples)"
+    assert results[2].metric_args is None
+    assert {r.task_type for r in results} == {"unconditional-image-generation"}
+    assert [r.metric_value for r in card.data.eval_results] == [e["value"] for e in EVALUATIONS]
+
+
+def test_card_body_has_samples_usage_training_and_evaluation(tmp_path: Path) -> None:
+    text = str(render_model_card(make_output(tmp_path / "out", evaluations=EVALUATIONS), repo_id=REPO))
+
+    assert "# ddpm-mnist" in text and "![samples](samples.png)" in text
+    plain, fast = python_blocks(text)
+    assert f'DDPMPipeline.from_pretrained("{REPO}")' in plain and f'DDPMPipeline.from_pretrained("{REPO}")' in fast
+    assert "pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)" in fast
+    assert "num_inference_steps=20" in fast
+    for block in (plain, fast):
+        compile(block, "snippet", "exec")
+    for row in [
+        "| Preset | `digits-16` |",
+        "| Parameters | 1.51M (1,512,345) |",
+        "| Dataset | [ylecun/mnist](https://huggingface.co/datasets/ylecun/mnist) (60,000 images) |",
+        "| Resolution | 16×16 |",
+        "| Training steps | 2000 |",
+        "| Batch size per device | 16 |",
+        "| Global batch size | 128 (4 process(es) × 2 accumulation step(s)) |",
+        "| Learning rate | 0.001 |",
+        "| Mixed precision | bf16 |",
+        "| EMA | yes |",
+        "| Hardware | 4x NVIDIA A100 |",
+        "| Wall time | 1h 02m 05s |",
+        "| Throughput | 68.8 images/s |",
+        "| FID | 12.35 | ddpm | 1000 | 10,000 | ylecun/mnist / test |",
+        "| NLL (bits/dim) | 1.23 | – | – | – | ylecun/mnist / test |",
+    ]:
+        assert row in text, row
+    assert "16×16 grayscale images" in text
+    assert "Not evaluated yet." not in text
+
+
+def test_card_never_contains_a_token(tmp_path: Path) -> None:
+    config = {**CONFIG, "push_token": "another-secret"}
+    text = str(render_model_card(make_output(tmp_path / "out", config=config)))
+    assert SECRET not in text and "another-secret" not in text and "hub_token" not in text
+    assert "hub_model_id: alice/ddpm-mnist" in text, "the other training arguments are listed"
+
+
+def test_missing_fields_render_gracefully(tmp_path: Path) -> None:
+    folder = tmp_path / "bare"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{}")
+
+    card = render_model_card(folder)
+    text = str(card)
+    assert "No training summary was found." in text and "Not evaluated yet." in text
+    assert "![samples]" not in text and "All training arguments" not in text
+    assert f'DDPMPipeline.from_pretrained("{folder}")' in text, "without a repo id the snippet loads the folder"
+    assert ModelCard(text).data.to_dict() == {
+        "library_name": "diffusers",
+        "license": "apache-2.0",
+        "pipeline_tag": "unconditional-image-generation",
+        "tags": TAGS,
+    }
+
+
+def test_builtin_or_local_datasets_are_not_listed_as_hub_datasets(tmp_path: Path) -> None:
+    config = {**CONFIG, "dataset_name": "builtin:digits"}
+    out = make_output(tmp_path / "out", config=config)
+    summary = json.loads((out / "training_summary.json").read_text())
+    summary["results"]["dataset"] = "builtin:digits"
+    (out / "training_summary.json").write_text(json.dumps(summary))
+
+    card = render_model_card(out, base_model="google/ddpm-cifar10-32")
+    assert card.data.datasets is None
+    assert card.data.base_model == "google/ddpm-cifar10-32"
+    assert "| Dataset | builtin:digits (60,000 images) |" in str(card)
+    assert "Fine-tuned from [google/ddpm-cifar10-32](https://huggingface.co/google/ddpm-cifar10-32)." in str(card)
+
+
+def test_repo_id_defaults_to_the_runs_hub_model_id(tmp_path: Path) -> None:
+    text = str(render_model_card(make_output(tmp_path / "out")))
+    assert f'DDPMPipeline.from_pretrained("{REPO}")' in text
+
+
+@pytest.mark.parametrize(
+    ("edit", "edited"),
+    [(lambda t: t, False), (lambda t: t.replace("## Usage", "## How to use"), True), (lambda t: "# mine\n", True)],
+    ids=["untouched", "edited", "foreign"],
+)
+def test_card_was_edited_tells_generated_cards_from_edited_ones(
+    tmp_path: Path, edit: Callable[[str], str], edited: bool
+) -> None:
+    path = write_model_card(make_output(tmp_path / "out"), repo_id=REPO)
+    assert card_was_edited(edit(path.read_text(encoding="utf-8"))) is edited
+
+
+def test_template_is_found_in_the_checkout() -> None:
+    assert template_path() == Path(__file__).resolve().parents[1] / "model_cards" / "ddpm.md.jinja"

@@ -273,6 +273,8 @@ class Trainer:
             wall_time = earlier_wall_time + time.perf_counter() - start
             if global_step % args.checkpointing_steps == 0 or global_step == self.max_steps:
                 state = {"global_step": global_step, "micro_step": micro_step, "wall_time_s": wall_time}
+                if self.hub and args.push_checkpoints:
+                    self.hub.wait()  # the push reads checkpoints/, which saving rotates
                 checkpointing.save_checkpoint(
                     accelerator, self.checkpoints_dir, global_step, state, args.checkpoints_total_limit
                 )

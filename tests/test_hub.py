@@ -511,3 +511,30 @@ def test_load_pipeline_reads_a_local_training_output(trained: Path) -> None:
     pipe = load_pipeline(trained)
     assert isinstance(pipe, DDPMPipeline)
     assert ModelCard.load(trained / "README.md").data.library_name == "diffusers"
+
+
+# ---------------------------------------------------------------- pushing from training
+
+
+def test_training_pushes_every_n_checkpoints_and_at_the_end(hub: HubServer, tmp_path: Path) -> None:
+    env = client_env(hub, tmp_path / "hf-home", tmp_path / "cache")
+    command = [
+        sys.executable, str(ROOT / "scripts" / "train.py"), "--preset", "tiny-8", "--max_train_samples", "32",
+        "--train_batch_size", "8", "--max_train_steps", "4", "--checkpointing_steps", "1", "--hub_push_every", "2",
+        "--sample_every", "0", "--num_final_images", "4", "--final_sampler", "ddim", "--final_steps", "3",
+        "--output_dir", "run", "--push_to_hub", "--hub_model_id", REPO, "--hub_token", TOKEN, "--hub_private_repo",
+    ]  # fmt: skip
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    repo = hub.repos[REPO]
+    assert repo.private
+    messages = [c.message for c in repo.commits.values() if "hf_ddpm" in c.message]
+    assert any("step 2" in m for m in messages) and any("end of training" in m for m in messages), messages
+    files = hub.files(REPO)
+    assert PIPELINE_FILES | {"samples.png", "training_summary.json", "README.md"} <= set(files)
+    assert not any(name.startswith(("checkpoints/", "logs/")) for name in files)
+    assert f'DDPMPipeline.from_pretrained("{REPO}")' in files["README.md"].decode()
+    assert TOKEN not in proc.stdout + proc.stderr
+    for path in (tmp_path / "run").rglob("*"):
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path

@@ -1,0 +1,536 @@
+"""Evaluate a DDPM: sample quality (FID, KID, IS, FD_DINOv2, the offline digits metric) and NLL in bits/dim.
+
+    >>> from hf_ddpm.evaluation import evaluate
+    >>> results = evaluate("output", metrics=["digits", "nll"], num_samples=1000, sampler="dpmsolver++")
+    >>> sorted(results)                 # also merged into output/eval_results.json, shown on output/README.md
+    ['digits_class_entropy', 'digits_confidence', 'digits_fd', 'digits_fd_real_halves', 'nll_bpd']
+
+`evaluate` generates samples with `hf_ddpm.sampling.generate` (or reads them), runs the feature extractors of
+`hf_ddpm.feature_extractors` on samples and reference images, computes the metrics of `hf_ddpm.metrics`, merges
+the results into `eval_results.json` and re-renders the model card. `evaluate_pipeline` is the same without files,
+for the training loop's `--eval_every`.
+
+Metrics (names for `metrics`) and the values they report:
+
+* fid -> "fid", kid -> "kid" (mean over subsets), inception_score -> "inception_score" (mean over 10 splits):
+  TF-Inception features / logits. fd_dinov2 -> "fd_dinov2": DINOv2 ViT-B/14 CLS features.
+* digits -> "digits_confidence" (fraction of samples whose top softmax probability is > 0.9),
+  "digits_class_entropy" (entropy of the predicted-class histogram / log 10; 1 = all digits equally often),
+  "digits_fd" (Fréchet distance of the digits classifier's penultimate features, samples vs reference) and
+  "digits_fd_real_halves" (the same between two random halves of the reference: a floor for digits_fd; with
+  N/2 images per half it carries more finite-sample bias than digits_fd, so read it as an order of magnitude).
+* nll -> "nll_bpd": the negative variational bound in bits/dim (all T terms plus the prior, Ho et al. eq. 5 with
+  the discretised decoder) averaged over the first `num_samples` reference images. Evaluate held-out images:
+  `split="test"`, or `heldout_last=N` for the last N rows of a split (the built-in digits have a single split:
+  train with `--max_train_samples 1797-N`, evaluate with `heldout_last=N`).
+
+Work is spread over accelerate processes: samples by `generate`; feature extraction and NLL in fixed global
+batches, process p taking a contiguous run of them, gathered in order. Each batch is computed exactly as in a
+single process (NLL noise is seeded per batch), so the results do not depend on the number of processes.
+Reference statistics are cached as .npz (mu, sigma, features) in `stats_cache_dir` (default
+~/.cache/hf_ddpm/stats), keyed by extractor, dataset, config, split, resolution, channels, rows and the dataset's
+content fingerprint; they are always computed from un-augmented pixels (`ImageDataset.pixels`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import accelerate
+import numpy as np
+import torch
+from accelerate.utils import gather_object
+
+from hf_ddpm import metrics as M
+from hf_ddpm.checkpointing import write_json
+from hf_ddpm.data import BUILTIN_DIGITS, ImageDataset, load_image_dataset
+from hf_ddpm.feature_extractors import DINOV2_DEFAULT, FeatureExtractor, build_feature_extractor
+from hf_ddpm.model_card import card_was_edited, write_model_card
+from hf_ddpm.pipeline import DDPMPipeline
+from hf_ddpm.sampling import default_steps, generate, image_generators, load_images, load_pipeline
+from hf_ddpm.scheduler import DDPMScheduler
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("fid", "kid", "inception_score", "fd_dinov2", "nll", "digits")
+# The feature extractor each metric needs (nll needs none).
+EXTRACTOR_OF = {"fid": "inception", "kid": "inception", "inception_score": "inception", "fd_dinov2": "dinov2",
+                "digits": "digits"}  # fmt: skip
+# Metrics that fit a Gaussian to the samples' features, so need more samples than feature dimensions.
+_FRECHET = ("fid", "fd_dinov2", "digits")
+RESULTS_FILE = "eval_results.json"
+DEFAULT_NUM_SAMPLES = 1000
+CONFIDENCE_THRESHOLD = 0.9
+# (metric, sampler, num_inference_steps, dataset, split): a new result replaces an old one with the same key.
+_RESULT_KEY = ("metric", "sampler", "num_inference_steps", "dataset", "split")
+# In-memory reference statistics for evaluate_pipeline, which writes no files.
+_MEMORY_STATS: dict[str, M.FeatureStats] = {}
+
+
+def check_metrics(metrics: Sequence[str]) -> list[str]:
+    """The metric names, de-duplicated in order; unknown names raise a ValueError listing the valid ones."""
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise ValueError(f"unknown metric(s) {unknown or list(metrics)}; valid metrics: {', '.join(METRICS)}")
+    return list(dict.fromkeys(metrics))
+
+
+def _rank_world(accelerator: accelerate.Accelerator | None) -> tuple[int, int]:
+    return (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+
+
+def _is_main(accelerator: accelerate.Accelerator | None) -> bool:
+    return accelerator is None or accelerator.is_main_process
+
+
+def distributed_batches(
+    fn: Callable[[int, list[int]], dict[str, torch.Tensor]],
+    num_items: int,
+    batch_size: int,
+    accelerator: accelerate.Accelerator | None = None,
+) -> dict[str, torch.Tensor]:
+    """Run `fn(batch_index, rows)` over global batches of `batch_size` rows; return the outputs, concatenated.
+
+    Batch b holds rows b*batch_size ... (b+1)*batch_size - 1 whatever the number of processes P; process p runs
+    batches p*ceil(B/P) ... (p+1)*ceil(B/P) - 1, and the outputs (CPU tensors) are gathered onto every process in
+    row order, so P processes return exactly what one process does.
+    """
+    rank, world = _rank_world(accelerator)
+    num_batches = math.ceil(num_items / batch_size)
+    per_process = math.ceil(num_batches / world)
+    local = []
+    for b in range(rank * per_process, min((rank + 1) * per_process, num_batches)):
+        rows = list(range(b * batch_size, min((b + 1) * batch_size, num_items)))
+        local.append((b, {key: value.detach().cpu() for key, value in fn(b, rows).items()}))
+    gathered = sorted(gather_object(local) if world > 1 else local, key=lambda item: item[0])
+    return {key: torch.cat([outputs[key] for _, outputs in gathered]) for key in gathered[0][1]}
+
+
+def extract_features(
+    extractor: FeatureExtractor,
+    images: torch.Tensor | ImageDataset,
+    rows: Sequence[int] | None = None,
+    batch_size: int = 64,
+    accelerator: accelerate.Accelerator | None = None,
+) -> dict[str, torch.Tensor]:
+    """The extractor's outputs for uint8 images (N, C, H, W), or for `rows` of a dataset (its un-augmented pixels),
+    computed in `distributed_batches` (the same on every process, whatever their number)."""
+    rows = list(range(len(images))) if rows is None else list(rows)
+
+    def run(_: int, batch: list[int]) -> dict[str, torch.Tensor]:
+        selected = [rows[i] for i in batch]
+        pixels = images[selected] if isinstance(images, torch.Tensor) else images.pixels(selected)
+        return extractor(pixels)
+
+    return distributed_batches(run, len(rows), batch_size, accelerator)
+
+
+def nll_bits_per_dim(
+    pipeline: DDPMPipeline,
+    images: torch.Tensor | ImageDataset,
+    rows: Sequence[int] | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    accelerator: accelerate.Accelerator | None = None,
+) -> torch.Tensor:
+    """Per-image negative variational bound (N,) in bits/dim of uint8 images, through the scheduler.
+
+    x0 = pixels / 127.5 - 1; `DDPMScheduler.nll_bits_per_dim` with model_fn(x_t, t) = unet(x_t, t).sample sums
+    the prior term and all T terms. Batches of `batch_size` images run timestep_batch = batch_size // images
+    timesteps per UNet call; the noise of batch b comes from `sampling.image_generators(seed, [b])`, so the
+    values depend on the batch size but not on the number of processes.
+    """
+    scheduler = pipeline.scheduler
+    if not isinstance(scheduler, DDPMScheduler):
+        scheduler = DDPMScheduler.from_config(scheduler.config)
+    unet = pipeline.unet
+    rows = list(range(len(images))) if rows is None else list(rows)
+
+    def model_fn(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return unet(xt.to(unet.dtype), t).sample
+
+    def run(batch_index: int, batch: list[int]) -> dict[str, torch.Tensor]:
+        selected = [rows[i] for i in batch]
+        pixels = images[selected] if isinstance(images, torch.Tensor) else images.pixels(selected)
+        x0 = pixels.to(unet.device).float() / 127.5 - 1
+        generator = image_generators(seed, [batch_index])[0]  # seeded from (seed, batch_index) alone
+        timestep_batch = max(1, batch_size // len(batch))
+        return {"nll": scheduler.nll_bits_per_dim(model_fn, x0, generator=generator, timestep_batch=timestep_batch)}
+
+    return distributed_batches(run, len(rows), batch_size, accelerator)["nll"]
+
+
+def reference_stats(
+    extractor: FeatureExtractor,
+    reference: ImageDataset,
+    rows: range,
+    *,
+    cache_dir: str | Path | None,
+    labels: Mapping[str, Any] | None = None,
+    batch_size: int = 64,
+    accelerator: accelerate.Accelerator | None = None,
+) -> M.FeatureStats:
+    """Feature statistics of reference `rows`, from the cache or computed (un-augmented pixels) and cached.
+
+    The key holds the extractor's name, the dataset's content fingerprint, resolution, channels and rows, plus
+    `labels` (dataset, config, split). `cache_dir=None` keeps them in memory for this process only. A disk cache
+    is used only when every process finds the file; the main process writes it.
+    """
+    key = {
+        "extractor": extractor.name,
+        **(labels or {}),
+        "fingerprint": reference.data._fingerprint,
+        "resolution": reference.resolution,
+        "channels": reference.channels,
+        "num_images": len(rows),
+        "rows": f"{rows.start}:{rows.stop}",
+    }
+    if cache_dir is None:
+        memory_key = json.dumps(key, sort_keys=True, default=str)
+        if memory_key not in _MEMORY_STATS:
+            features = extract_features(extractor, reference, rows, batch_size, accelerator)["features"]
+            _MEMORY_STATS[memory_key] = M.FeatureStats.from_features(features)
+        return _MEMORY_STATS[memory_key]
+    path = M.stats_cache_path(cache_dir, key)
+    found = [path.is_file()]
+    if all(gather_object(found) if accelerator and accelerator.num_processes > 1 else found):
+        return M.FeatureStats.load(path)
+    features = extract_features(extractor, reference, rows, batch_size, accelerator)["features"]
+    stats = M.FeatureStats.from_features(features)
+    if _is_main(accelerator):
+        stats.save(path, metadata=key)
+    return stats
+
+
+def _check_sizes(
+    metrics: Sequence[str], extractors: Mapping[str, FeatureExtractor], num_samples: int, num_reference: int
+) -> None:
+    """Raise before any sampling unless each Gaussian the metrics fit has at least D + 1 points: the samples and
+    the reference images for fid / fd_dinov2 / digits, and each half of the reference for digits_fd_real_halves."""
+    for metric in metrics:
+        if metric not in _FRECHET:
+            continue
+        dim = extractors[EXTRACTOR_OF[metric]].feature_dim
+        sets = [("samples", num_samples), ("reference images", num_reference)]
+        if metric == "digits":
+            sets.append(("reference images per half (for digits_fd_real_halves)", num_reference // 2))
+        for what, count in sets:
+            try:
+                M.check_enough_samples(count, dim, what)
+            except ValueError as err:
+                raise ValueError(f"{metric}: {err}") from None
+
+
+def _compute(
+    metrics: Sequence[str],
+    *,
+    samples: torch.Tensor | None,
+    reference: ImageDataset | None,
+    rows: range,
+    pipeline: DDPMPipeline | None,
+    extractors: Mapping[str, FeatureExtractor],
+    num_samples: int,
+    batch_size: int,
+    seed: int,
+    stats_cache_dir: str | Path | None,
+    labels: Mapping[str, Any] | None,
+    accelerator: accelerate.Accelerator | None,
+) -> dict[str, float]:
+    """The values of `metrics` (see the module docstring) from samples, reference rows and the pipeline."""
+    sample_outputs = {
+        kind: extract_features(extractors[kind], samples, batch_size=batch_size, accelerator=accelerator)
+        for kind in dict.fromkeys(EXTRACTOR_OF[m] for m in metrics if m != "nll")
+    }
+
+    def ref(kind: str) -> M.FeatureStats:
+        return reference_stats(
+            extractors[kind], reference, rows, cache_dir=stats_cache_dir, labels=labels, batch_size=batch_size,
+            accelerator=accelerator,
+        )  # fmt: skip
+
+    results: dict[str, float] = {}
+    for metric in metrics:
+        outputs = sample_outputs.get(EXTRACTOR_OF.get(metric, ""))
+        if metric in ("fid", "fd_dinov2"):
+            fake = M.FeatureStats.from_features(outputs["features"])
+            results[metric] = M.frechet_distance(fake, ref(EXTRACTOR_OF[metric]))
+        elif metric == "kid":
+            results["kid"] = M.kernel_inception_distance(outputs["features"], ref("inception").features, seed=seed)[0]
+        elif metric == "inception_score":
+            results["inception_score"] = M.inception_score(outputs["logits"])[0]
+        elif metric == "digits":
+            real = ref("digits")
+            results["digits_confidence"] = M.confident_fraction(outputs["logits"], CONFIDENCE_THRESHOLD)
+            results["digits_class_entropy"] = M.class_histogram_entropy(outputs["logits"])
+            results["digits_fd"] = M.frechet_distance(M.FeatureStats.from_features(outputs["features"]), real)
+            results["digits_fd_real_halves"] = _real_halves_distance(real.features, seed)
+        elif metric == "nll":
+            nll = nll_bits_per_dim(pipeline, reference, rows[:num_samples], batch_size, seed, accelerator)
+            results["nll_bpd"] = float(nll.mean())
+    return results
+
+
+def _real_halves_distance(features: np.ndarray, seed: int) -> float:
+    """Fréchet distance between two random halves of the reference features (a permutation seeded by `seed`)."""
+    order = np.random.default_rng(seed).permutation(len(features))
+    half = len(features) // 2
+    first = M.FeatureStats.from_features(features[order[:half]])
+    return M.frechet_distance(first, M.FeatureStats.from_features(features[order[half : 2 * half]]))
+
+
+def _device(accelerator: accelerate.Accelerator | None) -> torch.device:
+    if accelerator is not None:
+        return accelerator.device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_extractors(
+    metrics: Sequence[str],
+    *,
+    feature_extractors: Mapping[str, FeatureExtractor] | None = None,
+    inception_weights: str | Path | None = None,
+    dinov2_model: str = DINOV2_DEFAULT,
+    accelerator: accelerate.Accelerator | None = None,
+) -> dict[str, FeatureExtractor]:
+    """The extractors `metrics` need ("inception", "dinov2", "digits"), on the accelerator's device.
+
+    `feature_extractors` supplies ready ones by kind (tests inject small random networks this way); the others are
+    loaded, the main process first (it may download weights). Missing weights raise `MissingWeightsError` here,
+    before any sampling.
+    """
+    extractors = {}
+    for kind in dict.fromkeys(EXTRACTOR_OF[m] for m in metrics if m != "nll"):
+        if feature_extractors and kind in feature_extractors:
+            extractor = feature_extractors[kind]
+        else:
+            with accelerator.main_process_first() if accelerator else contextlib.nullcontext():
+                extractor = build_feature_extractor(
+                    kind, inception_weights=inception_weights, dinov2_model=dinov2_model
+                )
+        extractors[kind] = extractor.to(_device(accelerator))
+    return extractors
+
+
+def _check_channels(sample_channels: int, reference: ImageDataset | None) -> None:
+    if reference is not None and sample_channels != reference.channels:
+        raise ValueError(
+            f"the samples have {sample_channels} channel(s) but the reference images have {reference.channels}; "
+            "pass --channels to match the model"
+        )
+
+
+def evaluate_pipeline(
+    pipeline: DDPMPipeline,
+    metric: str,
+    num_samples: int,
+    sampler: str,
+    num_inference_steps: int | None,
+    seed: int,
+    reference: ImageDataset,
+    accelerator: accelerate.Accelerator | None,
+    *,
+    batch_size: int = 64,
+    feature_extractors: Mapping[str, FeatureExtractor] | None = None,
+) -> dict[str, float]:
+    """One metric of a pipeline in memory, for the training loop's `--eval_every`; writes no files.
+
+    Samples `num_samples` images (for nll: scores the first `num_samples` rows of `reference`), compares them
+    with all of `reference`, and returns the metric's values (e.g. the four digits_* values). Reference statistics
+    are kept in memory, so repeated calls with the same reference compute them once. Call it on every process.
+    """
+    metrics = check_metrics([metric])
+    extractors = build_extractors(metrics, feature_extractors=feature_extractors, accelerator=accelerator)
+    samples = None
+    if metric != "nll":
+        _check_sizes(metrics, extractors, num_samples, len(reference))
+        _check_channels(pipeline.unet.config.in_channels, reference)
+        samples = generate(
+            pipeline, num_samples, sampler=sampler, num_inference_steps=num_inference_steps, seed=seed,
+            batch_size=batch_size, accelerator=accelerator, progress=False,
+        )  # fmt: skip
+    return _compute(
+        metrics, samples=samples, reference=reference, rows=range(len(reference)), pipeline=pipeline,
+        extractors=extractors, num_samples=num_samples, batch_size=batch_size, seed=seed, stats_cache_dir=None,
+        labels=None, accelerator=accelerator,
+    )  # fmt: skip
+
+
+def _training_dataset(folder: Path | None) -> dict[str, Any]:
+    """The dataset arguments a training run recorded in its training_summary.json ({} if there is none)."""
+    summary = folder / "training_summary.json" if folder else None
+    if summary is None or not summary.is_file():
+        return {}
+    config = json.loads(summary.read_text()).get("config", {})
+    names = ("dataset_name", "dataset_config_name", "train_data_dir", "image_column", "center_crop", "cache_dir")
+    return {name: config[name] for name in names if name in config}
+
+
+def merge_eval_results(path: str | Path, entries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Write `entries` into the eval_results.json at `path`, replacing earlier entries with the same
+    (metric, sampler, num_inference_steps, dataset, split); returns the file's new list of results."""
+    path = Path(path)
+    old = json.loads(path.read_text()).get("results", []) if path.is_file() else []
+    new_keys = {tuple(entry[k] for k in _RESULT_KEY) for entry in entries}
+    merged = [e for e in old if tuple(e.get(k) for k in _RESULT_KEY) not in new_keys] + [dict(e) for e in entries]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"results": merged})
+    return merged
+
+
+def _update_model_card(folder: Path) -> None:
+    """Re-render folder/README.md from its JSON files, unless a person edited it."""
+    readme = folder / "README.md"
+    if readme.is_file() and card_was_edited(readme.read_text(encoding="utf-8")):
+        logger.warning("kept %s: it was edited by hand (the new results are in %s)", readme, RESULTS_FILE)
+        return
+    write_model_card(folder)
+
+
+def _sample_size(sample_size: int | Sequence[int]) -> int:
+    return sample_size if isinstance(sample_size, int) else sample_size[0]
+
+
+def evaluate(
+    model: str,
+    *,
+    metrics: Sequence[str],
+    num_samples: int | None = None,
+    sampler: str | None = None,
+    num_inference_steps: int | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    samples_path: str | Path | None = None,
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    split: str = "train",
+    train_data_dir: str | None = None,
+    image_column: str | None = None,
+    resolution: int | None = None,
+    channels: int | None = None,
+    center_crop: bool = True,
+    cache_dir: str | None = None,
+    heldout_last: int | None = None,
+    inception_weights: str | Path | None = None,
+    dinov2_model: str = DINOV2_DEFAULT,
+    stats_cache_dir: str | Path | None = None,
+    accelerator: accelerate.Accelerator | None = None,
+    output_json: str | Path | None = None,
+    update_model_card: bool = True,
+    feature_extractors: Mapping[str, FeatureExtractor] | None = None,
+    allow_pickle: bool = False,
+) -> dict[str, float]:
+    """Evaluate `model` (a pipeline folder or Hub id) on `metrics`; returns {value name: value} on every process.
+
+    Args:
+        metrics: names from `METRICS` (see the module docstring for what each reports).
+        num_samples: images to generate (default 1000), or the first N of `samples_path` (default all); nll
+            scores the first `num_samples` reference images.
+        sampler, num_inference_steps, seed, batch_size: as `hf_ddpm.sampling.generate` (sampler default "ddpm").
+        samples_path: read samples (a folder of PNGs or an .npz, see `sampling.load_images`) instead of generating.
+        dataset_name ... cache_dir: the reference images, as `hf_ddpm.data.load_image_dataset`; when neither
+            dataset_name nor train_data_dir is given, those of the run's training_summary.json, else the built-in
+            digits. resolution / channels default to the model's (or the samples').
+        heldout_last: use only the last N rows of the split as reference (held-out images for nll).
+        inception_weights, dinov2_model: where the FID Inception and DINOv2 weights come from.
+        stats_cache_dir: reference statistics cache (default ~/.cache/hf_ddpm/stats).
+        accelerator: spread sampling, feature extraction and NLL over its processes.
+        output_json: where to merge the results (default MODEL/eval_results.json when MODEL is a local folder;
+            nothing is written for a Hub id without output_json). Only the main process writes.
+        update_model_card: re-render MODEL/README.md when the results went to MODEL/eval_results.json.
+        feature_extractors: ready extractors by kind ("inception", "dinov2", "digits") instead of the standard ones.
+        allow_pickle: let `DDPMPipeline.from_pretrained` load .bin weights (trusted sources only).
+    """
+    metrics = check_metrics(metrics)
+    for name, value in (("num_samples", num_samples), ("batch_size", batch_size),
+                        ("num_inference_steps", num_inference_steps), ("heldout_last", heldout_last)):  # fmt: skip
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+    folder = Path(model) if Path(model).is_dir() else None
+    generating = samples_path is None and any(m != "nll" for m in metrics)
+    if generating:
+        steps = num_inference_steps or default_steps(sampler or "ddpm")  # also rejects unknown samplers
+    extractors = build_extractors(
+        metrics, feature_extractors=feature_extractors, inception_weights=inception_weights,
+        dinov2_model=dinov2_model, accelerator=accelerator,
+    )  # fmt: skip
+    pipeline = None
+    if samples_path is None or "nll" in metrics:
+        pipeline = load_pipeline(model, allow_pickle=allow_pickle).to(_device(accelerator))
+    samples = None
+    if samples_path is not None:
+        samples = load_images(samples_path)
+        if num_samples is not None and num_samples > len(samples):
+            raise ValueError(f"num_samples is {num_samples} but {samples_path} holds only {len(samples)} images")
+        samples = samples[:num_samples]
+    n = len(samples) if samples is not None else num_samples or DEFAULT_NUM_SAMPLES
+
+    config = pipeline.unet.config if pipeline is not None else None
+    sample_channels = samples.shape[1] if samples is not None else config.in_channels
+    if resolution is None:
+        resolution = samples.shape[-1] if config is None else _sample_size(config.sample_size)
+    dataset_args = {"dataset_name": dataset_name, "dataset_config_name": dataset_config_name,
+                    "train_data_dir": train_data_dir, "image_column": image_column, "center_crop": center_crop,
+                    "cache_dir": cache_dir}  # fmt: skip
+    if dataset_name is None and train_data_dir is None:
+        dataset_args.update(_training_dataset(folder))
+    reference, rows = None, range(0)
+    if metrics != ["inception_score"]:
+        with accelerator.main_process_first() if accelerator else contextlib.nullcontext():
+            reference = load_image_dataset(
+                **dataset_args, split=split, resolution=resolution, channels=channels or sample_channels
+            )
+        if heldout_last is not None and heldout_last > len(reference):
+            raise ValueError(f"heldout_last is {heldout_last} but the reference split has {len(reference)} images")
+        rows = range(len(reference) - (heldout_last or len(reference)), len(reference))
+        _check_channels(sample_channels, reference)
+    _check_sizes(metrics, extractors, n, len(rows))
+
+    if generating:
+        samples = generate(
+            pipeline, n, sampler=sampler or "ddpm", num_inference_steps=steps, seed=seed, batch_size=batch_size,
+            accelerator=accelerator, progress=_is_main(accelerator),
+        )  # fmt: skip
+    dataset_label = dataset_args["train_data_dir"] or dataset_args["dataset_name"] or BUILTIN_DIGITS
+    split_label = f"{split}[-{heldout_last}:]" if heldout_last else split
+    results = _compute(
+        metrics, samples=samples, reference=reference, rows=rows, pipeline=pipeline, extractors=extractors,
+        num_samples=n, batch_size=batch_size, seed=seed,
+        stats_cache_dir=stats_cache_dir if stats_cache_dir is not None else M.DEFAULT_STATS_CACHE,
+        labels={"dataset": dataset_label, "config": dataset_args["dataset_config_name"], "split": split_label},
+        accelerator=accelerator,
+    )  # fmt: skip
+
+    if output_json is None and folder is not None:
+        output_json = folder / RESULTS_FILE
+    if output_json is not None and _is_main(accelerator):
+        # Sample metrics record how the samples were made; nll and the real-halves floor use reference images only.
+        counts = {"nll_bpd": min(n, len(rows)), "digits_fd_real_halves": len(rows)}
+        setup = (sampler, num_inference_steps) if samples_path else (sampler or "ddpm", steps)
+        entries = [
+            {
+                "metric": metric,
+                "value": value,
+                "sampler": None if metric in counts else setup[0],
+                "num_inference_steps": None if metric in counts else setup[1],
+                "num_samples": counts.get(metric, n),
+                "dataset": dataset_label,
+                "split": split_label,
+            }
+            for metric, value in results.items()
+        ]
+        merge_eval_results(output_json, entries)
+        card_reads_it = folder is not None and Path(output_json).resolve() == (folder / RESULTS_FILE).resolve()
+        if update_model_card and card_reads_it:
+            _update_model_card(folder)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return results
+

@@ -46,6 +46,16 @@ logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = "training_summary.json"
 SAMPLES_FILE = "samples.png"
+BEST_DIR = "best"
+# --eval_every: the value that decides which export is `best/`, and whether higher is better
+EVAL_SCORE = {
+    "digits": ("digits_fd", False),
+    "fid": ("fid", False),
+    "kid": ("kid", False),
+    "fd_dinov2": ("fd_dinov2", False),
+    "nll": ("nll_bpd", False),
+    "inception_score": ("inception_score", True),
+}
 
 
 @register_user_error
@@ -203,6 +213,9 @@ class Trainer:
             self.ema.to(self.accelerator.device)
             self.accelerator.register_for_checkpointing(self.ema)
         self.hub = _HubPusher(args) if args.push_to_hub else None
+        if args.eval_every and args.eval_metric not in EVAL_SCORE:
+            raise TrainingError(f"unknown --eval_metric {args.eval_metric!r}; choose one of {', '.join(EVAL_SCORE)}")
+        self.best_score: float | None = None
 
     def train(self) -> dict[str, Any]:
         """Run to `max_steps`, checkpointing on the way; then export. Returns training_summary.json's results."""
@@ -211,6 +224,7 @@ class Trainer:
         if self.resume is not None:
             state = checkpointing.load_checkpoint(accelerator, self.resume)
             global_step, earlier_wall_time = state["global_step"], state["wall_time_s"]
+            self.best_score = state.get("best_score")
             logger.info("resumed from %s at step %d", self.resume, global_step)
         elif args.resume_from_checkpoint == "latest":
             logger.info("no checkpoint in %s yet; starting a fresh run", self.checkpoints_dir)
@@ -270,9 +284,12 @@ class Trainer:
 
             if args.sample_every and global_step % args.sample_every == 0 and global_step < self.max_steps:
                 self._log_preview(global_step)
+            if args.eval_every and global_step % args.eval_every == 0:
+                self._evaluate(global_step)
             wall_time = earlier_wall_time + time.perf_counter() - start
             if global_step % args.checkpointing_steps == 0 or global_step == self.max_steps:
-                state = {"global_step": global_step, "micro_step": micro_step, "wall_time_s": wall_time}
+                state = {"global_step": global_step, "micro_step": micro_step, "wall_time_s": wall_time,
+                         "best_score": self.best_score}  # fmt: skip
                 if self.hub and args.push_checkpoints:
                     self.hub.wait()  # the push reads checkpoints/, which saving rotates
                 checkpointing.save_checkpoint(
@@ -354,6 +371,36 @@ class Trainer:
         if self.accelerator.is_main_process and args.report_to in ("tensorboard", "all"):
             writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
             writer.add_images("samples", images, step, dataformats="NCHW")
+
+    def _evaluate(self, step: int) -> None:
+        """--eval_every: the metric on a few fast samples, logged; the EMA pipeline goes to best/ when it improves."""
+        from hf_ddpm.evaluation import evaluate_pipeline
+
+        args = self.args
+        pipe = self._sampling_pipeline()
+        values = evaluate_pipeline(
+            pipe,
+            args.eval_metric,
+            num_samples=args.eval_num_samples,
+            sampler=args.preview_sampler,
+            num_inference_steps=args.preview_steps,
+            seed=args.seed,
+            reference=self.data,
+            accelerator=self.accelerator,
+        )
+        self.accelerator.log({f"eval/{k}": v for k, v in values.items()}, step=step)
+        key, higher_is_better = EVAL_SCORE[args.eval_metric]
+        score = values[key]
+        improved = self.best_score is None or (score > self.best_score if higher_is_better else score < self.best_score)
+        logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+        if improved:
+            self.best_score = score
+            if self.accelerator.is_main_process:
+                checkpointing.export_pipeline(pipe, self.output_dir / BEST_DIR)
+                checkpointing.write_json(
+                    self.output_dir / BEST_DIR / "best_eval.json", {"global_step": step, "metric": key, **values}
+                )
+            self.accelerator.wait_for_everyone()
 
     def _export(self, step: int, wall_time: float, loss_avg: float | None, final_samples: bool = False) -> dict:
         """Write the pipeline (EMA weights), samples.png, training_summary.json and the model card."""

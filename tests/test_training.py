@@ -245,3 +245,21 @@ def test_two_process_data_parallel_on_cpu_keeps_ranks_identical(tmp_path):
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     rows = [json.loads((out / f"rows{r}.json").read_text()) for r in (0, 1)]
     assert all(not set(a) & set(b) for a, b in zip(*rows, strict=True)), "ranks saw overlapping rows in a micro-step"
+
+
+def test_eval_every_logs_the_metric_and_keeps_a_best_export(tmp_path):
+    out, _ = run(tmp_path, "--max_train_steps", "4", "--checkpointing_steps", "4", "--eval_every", "2",
+                 "--eval_metric", "digits", "--eval_num_samples", "70", "--max_train_samples", "160",
+                 "--preview_steps", "3")  # fmt: skip
+    best = json.loads((out / "best" / "best_eval.json").read_text())
+    assert best["global_step"] in (2, 4) and best["metric"] == "digits_fd"
+    assert {"digits_confidence", "digits_class_entropy", "digits_fd"} <= set(best)
+    assert (out / "best" / "model_index.json").is_file() and (out / "best" / "unet").is_dir()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert "eval/digits_fd" in events.Tags()["scalars"]
+    assert [e.step for e in events.Scalars("eval/digits_fd")] == [2, 4]
+    with pytest.raises(TrainingError, match="unknown --eval_metric"):
+        run(tmp_path, "--eval_every", "2", "--eval_metric", "accuracy", name="bad")

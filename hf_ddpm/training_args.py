@@ -17,9 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from diffusers.optimization import SchedulerType
 from transformers import HfArgumentParser
 
 from hf_ddpm.presets import get_preset, list_presets
+from hf_ddpm.sampling import SAMPLERS
+from hf_ddpm.scheduler import LOSS_WEIGHTINGS, PREDICTION_TYPES
+from hf_ddpm.timestep_samplers import TIMESTEP_SAMPLERS
 
 
 @dataclass
@@ -117,6 +121,30 @@ class TrainingArguments:
     push_checkpoints: bool = field(default=False, metadata={"help": "upload checkpoints/ too"})
     push_logs: bool = field(default=False, metadata={"help": "upload logs/ too"})
     overwrite_model_card: bool = field(default=False, metadata={"help": "replace a README edited on the Hub"})
+
+    def __post_init__(self) -> None:
+        """Reject values no code path accepts, before anything is built, with the flag and the valid choices."""
+        choices = {
+            "prediction_type": PREDICTION_TYPES,
+            "variance_type": ("fixed_small", "fixed_large", "learned_range"),
+            "loss_weighting": LOSS_WEIGHTINGS,
+            "timestep_sampler": tuple(TIMESTEP_SAMPLERS),
+            "lr_scheduler": tuple(s.value for s in SchedulerType),
+            "mixed_precision": (None, "no", "fp16", "bf16"),
+            "preview_sampler": SAMPLERS,
+            "final_sampler": SAMPLERS,
+            "report_to": ("tensorboard", "wandb", "all", "none"),
+        }
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                shown = ", ".join(str(v) for v in valid if v is not None)
+                raise ValueError(f"--{name} {getattr(self, name)!r} is not one of: {shown}")
+        positive = ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "logging_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_train_steps is not None and self.max_train_steps < 1:
+            raise ValueError(f"--max_train_steps must be at least 1, got {self.max_train_steps}")
 
     def to_dict(self) -> dict[str, Any]:
         """All arguments, without secrets: what training_summary.json and the model card record."""

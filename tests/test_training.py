@@ -218,6 +218,8 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         (["--train_batch_size", "4096"], "lower --train_batch_size"),
         (["--resume_from_checkpoint", "nowhere"], "not a complete checkpoint folder"),
         (["--config", "missing.yaml"], "no such file"),
+        (["--prediction_type", "noise"], "--prediction_type 'noise' is not one of: epsilon, sample, v_prediction"),
+        (["--final_sampler", "plms"], "--final_sampler 'plms' is not one of: ddpm, ddim"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_a_non_zero_exit(tmp_path, args, message):

@@ -111,19 +111,25 @@ _PRESETS: dict[str, Preset] = {
         ),
         Preset(
             name="digits-16",
-            description="1.5M-param grayscale 16x16 network for the built-in digits; trains in minutes on a CPU",
+            description="0.7M-param grayscale 16x16 network for the built-in digits; trains in minutes on a CPU",
             unet=_unet(
                 sample_size=16,
                 in_channels=1,
                 out_channels=1,
-                block_out_channels=[32, 64, 64],
+                block_out_channels=[16, 32, 64],
                 down_block_types=["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
                 up_block_types=["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
                 layers_per_block=1,
                 norm_num_groups=8,
                 dropout=0.0,
             ),
-            train_defaults={"resolution": 16, "learning_rate": 1e-3, "lr_warmup_steps": 100},
+            train_defaults={
+                "resolution": 16,
+                "learning_rate": 1e-3,
+                "lr_scheduler": "cosine",
+                "lr_warmup_steps": 100,
+                "max_train_steps": 1500,
+            },
         ),
         Preset(
             name="tiny-8",

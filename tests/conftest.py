@@ -29,6 +29,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
 
+@pytest.fixture
+def one_thread():
+    """Small convolutions run far faster on one thread than on a contended pool of two."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     """Each test that builds an Accelerator gets a new one (accelerate keeps process-wide singletons)."""

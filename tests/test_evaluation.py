@@ -58,13 +58,7 @@ def tiny_dinov2() -> DINOv2Features:
     return DINOv2Features(Dinov2Model(config), image_size=14)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small convolutions run far faster on one thread than on a contended pool of two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,7 @@ from hf_ddpm import metrics as M
 from hf_ddpm.data import digits_images, digits_labels
 from hf_ddpm.digits_classifier import DEFAULT_CONFIG, DEFAULT_WEIGHTS, heldout_split
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small convolutions run far faster on one thread than on a contended pool of two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gaussian(n: int, dim: int, seed: int, shift: float = 0.0) -> np.ndarray:

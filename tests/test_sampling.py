@@ -1,0 +1,223 @@
+"""hf_ddpm.sampling and scripts/sample.py on an untrained tiny-8 pipeline: samplers, determinism, files, CLI."""
+
+from __future__ import annotations
+
+import os
+import runpy
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import PYTHON, REPO_ROOT
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
+from diffusers import DDPMPipeline as DiffusersDDPMPipeline
+from diffusers.utils import logging as diffusers_logging
+from PIL import Image
+
+from hf_ddpm.pipeline import DDPMPipeline
+from hf_ddpm.presets import build_unet
+from hf_ddpm.sampling import (
+    SAMPLERS,
+    default_steps,
+    generate,
+    image_generators,
+    load_images,
+    make_scheduler,
+    save_images,
+)
+from hf_ddpm.scheduler import DDPMScheduler
+
+SAMPLE_SCRIPT = REPO_ROOT / "scripts" / "sample.py"
+
+
+@pytest.fixture(scope="module")
+def pipe() -> DDPMPipeline:
+    torch.manual_seed(0)
+    return DDPMPipeline(unet=build_unet("tiny-8"), scheduler=DDPMScheduler())
+
+
+@pytest.fixture(scope="module")
+def model_dir(pipe, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-8")
+    pipe.save_pretrained(path)
+    return path
+
+
+def uint8_images(n: int, channels: int, size: int = 8, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, channels, size, size), generator=torch.Generator().manual_seed(seed)).byte()
+
+
+def assert_same_up_to_rounding(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Equal but for a rare one-level rounding flip.
+
+    Batched CPU kernels sum in a batch-size dependent order, so the [0, 1] floats of one image differ by up to
+    ~3e-5 between batch sizes (measured: 1e-6 DDPM, 3e-5 DPM-Solver++); a value that close to a rounding
+    boundary then lands one uint8 level away. Process and thread counts add nothing beyond that.
+    """
+    assert a.shape == b.shape and a.dtype == b.dtype == torch.uint8
+    diff = (a.int() - b.int()).abs()
+    assert diff.max() <= 1, diff.max()
+    assert (diff > 0).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_gives_uint8_images_and_leaves_the_pipeline_alone(pipe, sampler):
+    scheduler = pipe.scheduler
+    images = generate(pipe, 3, sampler=sampler, num_inference_steps=3, batch_size=2, progress=False)
+    assert images.shape == (3, 1, 8, 8) and images.dtype == torch.uint8 and images.device.type == "cpu"
+    assert pipe.scheduler is scheduler and pipe.scheduler.config.timestep_spacing == "leading"
+
+
+def test_rgb_and_plain_diffusers_pipelines():
+    torch.manual_seed(0)
+    rgb = DiffusersDDPMPipeline(unet=build_unet("small-16-rgb"), scheduler=DDPMScheduler())
+    images = generate(rgb, 2, sampler="dpmsolver++", num_inference_steps=2, progress=False)
+    assert images.shape == (2, 3, 16, 16) and images.dtype == torch.uint8
+
+
+def test_unknown_sampler_lists_the_valid_ones(pipe):
+    for call in (
+        lambda: make_scheduler("plms", pipe.scheduler.config),
+        lambda: default_steps("plms"),
+        lambda: generate(pipe, 1, sampler="plms"),
+    ):
+        with pytest.raises(ValueError, match="unknown sampler 'plms'; valid samplers: ddpm, ddim, dpmsolver"):
+            call()
+
+
+def test_default_steps():
+    assert {s: default_steps(s) for s in SAMPLERS} == {
+        "ddpm": 1000,
+        "ddim": 50,
+        "dpmsolver++": 20,
+        "unipc": 20,
+        "euler_a": 50,
+    }
+
+
+def test_make_scheduler_overrides_a_leading_clipping_ddpm_config():
+    config = DDPMScheduler(
+        timestep_spacing="leading", clip_sample=True, beta_end=0.03, prediction_type="v_prediction"
+    ).config
+    made = {name: make_scheduler(name, config) for name in SAMPLERS}
+    assert type(made["ddpm"]) is DDPMScheduler and made["ddpm"].config.clip_sample  # the paper's sampler
+    assert isinstance(made["ddim"], DDIMScheduler)
+    assert not made["ddim"].config.clip_sample and made["ddim"].config.set_alpha_to_one
+    dpm = made["dpmsolver++"]
+    assert isinstance(dpm, DPMSolverMultistepScheduler)
+    assert (dpm.config.algorithm_type, dpm.config.solver_order) == ("dpmsolver++", 2)
+    assert dpm.config.lower_order_final and dpm.config.final_sigmas_type == "zero"
+    assert not dpm.config.thresholding and dpm.config.variance_type is None
+    assert made["unipc"].config.predict_x0 and made["unipc"].config.solver_order == 2
+    assert isinstance(made["euler_a"], EulerAncestralDiscreteScheduler)
+    for name, scheduler in made.items():
+        # the training noise schedule and parameterisation carry over; sampling starts at t = T - 1
+        assert scheduler.config.beta_end == 0.03 and scheduler.config.prediction_type == "v_prediction", name
+        assert scheduler.config.timestep_spacing == "trailing", name
+        scheduler.set_timesteps(default_steps(name) if name != "ddpm" else 10)
+        assert int(scheduler.timesteps[0]) == 999, name
+
+
+def test_image_generators_depend_on_seed_and_index_only():
+    def first_draws(gens):
+        return [torch.randn(2, generator=g) for g in gens]
+
+    a = first_draws(image_generators(5, [0, 1, 2, 3]))
+    b = first_draws(image_generators(5, [3, 1]))
+    assert torch.equal(a[3], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], a[1])
+    assert not torch.equal(a[0], first_draws(image_generators(6, [0]))[0])
+    # (seed, i) pairs that `seed * K + i` would map to one seed stay distinct
+    assert not torch.equal(first_draws(image_generators(1, [0]))[0], first_draws(image_generators(0, [1_000_003]))[0])
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "dpmsolver++"])  # stochastic steps / multistep solver
+def test_images_do_not_depend_on_batch_size(pipe, sampler):
+    runs = [
+        generate(pipe, 8, sampler=sampler, num_inference_steps=6, seed=3, batch_size=b, progress=False)
+        for b in (1, 3, 8)
+    ]
+    for other in runs[1:]:
+        assert_same_up_to_rounding(runs[0], other)
+    first = generate(pipe, 2, sampler=sampler, num_inference_steps=6, seed=3, batch_size=8, progress=False)
+    assert_same_up_to_rounding(first, runs[2][:2])  # image i does not depend on N either
+    assert not torch.equal(runs[0], generate(pipe, 8, sampler=sampler, num_inference_steps=6, seed=4, progress=False))
+
+
+def test_two_processes_give_the_one_process_images(pipe, model_dir, tmp_path):
+    output = tmp_path / "two.npz"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [str(Path(PYTHON).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           str(SAMPLE_SCRIPT), str(model_dir), "--num_images", "7", "--sampler", "ddpm",
+           "--num_inference_steps", "5", "--seed", "3", "--batch_size", "3", "--output", str(output)]  # fmt: skip
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "made by 2 process(es)" in result.stdout, "accelerate started one process, not two"
+    assert result.stdout.count("wrote ") == 1, "only the main process writes"
+    expected = generate(pipe, 7, sampler="ddpm", num_inference_steps=5, seed=3, progress=False)
+    assert_same_up_to_rounding(load_images(output), expected)
+
+
+def test_save_and_load_npz_folder_and_grid(tmp_path):
+    for channels in (1, 3):
+        images = uint8_images(5, channels)
+        npz = save_images(images, tmp_path / f"s{channels}.npz")
+        with np.load(npz) as data:
+            assert data["arr_0"].shape == (5, 8, 8, channels) and data["arr_0"].dtype == np.uint8
+        assert torch.equal(load_images(npz), images)
+        folder = save_images(images, tmp_path / f"dir{channels}")
+        assert sorted(p.name for p in folder.iterdir()) == [f"{i:06d}.png" for i in range(5)]
+        assert torch.equal(load_images(folder), images)
+        grid = Image.open(save_images(images, tmp_path / f"grid{channels}.png", nrow=2))
+        assert grid.size == (2 * 8, 3 * 8)
+        assert np.array_equal(np.asarray(grid)[8:16, :8].transpose(2, 0, 1)[:channels], images[2].numpy())
+        assert not np.asarray(grid)[16:, 8:].any()  # the cell after the last image is black
+    assert Image.open(save_images(uint8_images(64, 1), tmp_path / "square.png")).size == (64, 64)
+
+
+def test_load_images_errors(tmp_path):
+    with pytest.raises(ValueError, match="neither a folder"):
+        load_images(tmp_path / "missing.npz")
+    with pytest.raises(ValueError, match="no images"):
+        load_images(tmp_path)
+    np.savez(tmp_path / "float.npz", arr_0=np.zeros((2, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match="must be uint8"):
+        load_images(tmp_path / "float.npz")
+    with pytest.raises(ValueError, match="uint8 tensor"):
+        save_images(torch.zeros(2, 1, 8, 8), tmp_path / "x.png")
+
+
+@pytest.fixture
+def restore_diffusers_verbosity():
+    """scripts/sample.py silences diffusers' logging for the process; undo that after in-process runs."""
+    verbosity = diffusers_logging.get_verbosity()
+    yield
+    diffusers_logging.set_verbosity(verbosity)
+
+
+@pytest.mark.parametrize(
+    "model, args, message",
+    [
+        ("tiny-8", ["--sampler", "plms"], "unknown sampler 'plms'; valid samplers: ddpm, ddim"),
+        ("tiny-8", ["--num_images", "0"], "--num_images must be a positive integer"),
+        ("tiny-8", ["--seed", "-1"], "--seed must be non-negative"),
+        ("tiny-8", ["--mixed_precision", "fp16"], "fp16 needs a GPU"),
+        ("tmp/no-such-dir", [], 'no-such-dir" is neither a valid local path nor a valid repo id'),
+        ("someone/not-a-model", [], "cannot load model 'someone/not-a-model': "),  # offline Hub id
+    ],
+)
+def test_script_errors_are_one_line_and_non_zero(
+    model_dir, tmp_path, monkeypatch, capfd, restore_diffusers_verbosity, model, args, message
+):
+    model = {"tiny-8": str(model_dir), "tmp/no-such-dir": str(tmp_path / "no-such-dir")}.get(model, model)
+    monkeypatch.setattr("sys.argv", ["sample.py", model, *args, "--output", str(tmp_path / "x.png")])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(SAMPLE_SCRIPT), run_name="__main__")
+    error = exit_info.value.code  # sys.exit(str) prints it to stderr and exits with status 1
+    assert isinstance(error, str) and error.startswith("error: ") and "\n" not in error
+    assert message in error
+    assert capfd.readouterr().err == ""  # no warnings or tracebacks before the one line
+    assert not (tmp_path / "x.png").exists()

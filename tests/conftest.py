@@ -20,6 +20,10 @@ os.environ.update(
         "HF_HUB_DISABLE_XET": "1",
         "HF_HOME": _HF_HOME,
         "TOKENIZERS_PARALLELISM": "false",
+        # one thread per test process (pytest-xdist runs one worker per core): small convolutions are fastest
+        # that way, and two workers with two threads each on two cores slow each other down many times over
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
     }
 )
 
@@ -27,17 +31,6 @@ import pytest  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-
-
-@pytest.fixture
-def one_thread():
-    """Small convolutions run far faster on one thread than on a contended pool of two."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -58,7 +58,6 @@ def tiny_dinov2() -> DINOv2Features:
     return DINOv2Features(Dinov2Model(config), image_size=14)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

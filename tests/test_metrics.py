@@ -18,8 +18,6 @@ from hf_ddpm import metrics as M
 from hf_ddpm.data import digits_images, digits_labels
 from hf_ddpm.digits_classifier import DEFAULT_CONFIG, DEFAULT_WEIGHTS, heldout_split
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def _gaussian(n: int, dim: int, seed: int, shift: float = 0.0) -> np.ndarray:
     """n draws of one correlated Gaussian per (dim, shift): the mixing matrix is fixed, the draws vary with seed."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import os
 import platform
@@ -27,6 +26,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
@@ -42,7 +42,7 @@ from hf_ddpm.scheduler import DDPMScheduler
 from hf_ddpm.timestep_samplers import UniformSampler, create_timestep_sampler
 from hf_ddpm.training_args import TrainingArguments
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)  # accelerate's: logs on the main process only
 
 SUMMARY_FILE = "training_summary.json"
 SAMPLES_FILE = "samples.png"

@@ -4,6 +4,7 @@ With no arguments it trains the `digits-16` preset on the built-in scikit-learn 
 ten minutes on two CPU cores. `--help` lists every flag; `--list_presets` the UNet presets.
 """
 
+import logging
 import sys
 
 from hf_ddpm.cli import run_cli
@@ -11,4 +12,5 @@ from hf_ddpm.trainer import train
 from hf_ddpm.training_args import parse_training_args
 
 if __name__ == "__main__":
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     sys.exit(run_cli(lambda: train(parse_training_args())))

@@ -1,6 +1,7 @@
 """Run under `accelerate launch` by test_training.py: trains, then records what each rank saw and holds."""
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from safetensors.torch import save_file
 from hf_ddpm.trainer import Trainer
 from hf_ddpm.training_args import parse_training_args
 
+logging.basicConfig(level=logging.INFO)
 trainer = Trainer(parse_training_args(sys.argv[1:]))
 seen: list[list[int]] = []
 indices = trainer.order.indices

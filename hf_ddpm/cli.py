@@ -15,6 +15,11 @@ from typing import Any
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError)
 
 
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (whitespace collapsed), or its type's name when it has none."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def register_user_error(error: type[BaseException]) -> type[BaseException]:
     """Class decorator: errors of this type are reported as one line by `run_cli`."""
     global USER_ERRORS
@@ -29,7 +34,6 @@ def run_cli(main: Callable[[], Any]) -> int:
     except USER_ERRORS as err:
         if os.environ.get("HF_DDPM_TRACEBACK"):
             raise
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 1
     return 0

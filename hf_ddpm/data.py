@@ -46,6 +46,8 @@ from datasets.fingerprint import Hasher
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from hf_ddpm.cli import one_line
+
 logger = logging.getLogger(__name__)
 
 BUILTIN_DIGITS = "builtin:digits"
@@ -210,9 +212,6 @@ def _check_positive(name: str, value: Any) -> None:
         raise DataError(f"{name} must be a positive integer, got {value!r}; fix --{name}")
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
 
 @contextmanager
 def _as_data_error(flag: str, hint: str) -> Iterator[None]:
@@ -222,7 +221,7 @@ def _as_data_error(flag: str, hint: str) -> Iterator[None]:
     except DataError:
         raise
     except _LOAD_ERRORS as exc:
-        raise DataError(f"could not load {flag}: {_one_line(exc)}; {hint}") from None
+        raise DataError(f"could not load {flag}: {one_line(exc)}; {hint}") from None
 
 
 def _load_split(
@@ -303,10 +302,10 @@ def _decode_batch(
             name = f"{path} (row {index})" if path else f"row {index}"
             if not skip_bad_images:
                 raise DataError(
-                    f"{name} is not a readable image ({_one_line(exc)}); fix or remove it, "
+                    f"{name} is not a readable image ({one_line(exc)}); fix or remove it, "
                     "or pass --skip_bad_images to skip bad images"
                 ) from None
-            logger.warning("skipping %s: not a readable image (%s)", name, _one_line(exc))
+            logger.warning("skipping %s: not a readable image (%s)", name, one_line(exc))
             continue
         out["pixels"].append(image.tobytes())
         out["height"].append(image.shape[1])

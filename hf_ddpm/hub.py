@@ -42,6 +42,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects, httpx
 
+from hf_ddpm.cli import one_line, register_user_error
 from hf_ddpm.model_card import card_was_edited, render_model_card
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ _TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{20,}")
 _T = TypeVar("_T")
 
 
+@register_user_error
 class HubError(RuntimeError):
     """A Hub problem, explained in one line that never contains the token."""
 
@@ -222,7 +224,7 @@ def _with_retries(call: Callable[[], _T], step: str, max_retries: int, token: st
             wait = min(RETRY_WAIT_S * 2**attempt, _MAX_WAIT_S)
             attempt += 1
             logger.warning(
-                "%s failed (%s); retry %d/%d in %.0f s", step, redact(_one_line(err), token), attempt, max_retries, wait
+                "%s failed (%s); retry %d/%d in %.0f s", step, redact(one_line(err), token), attempt, max_retries, wait
             )
             time.sleep(wait)
 
@@ -255,9 +257,6 @@ def _is_transient(err: BaseException) -> bool:
     return False
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
-
 
 def _push_error_message(err: BaseException, repo_id: str, token: str | None) -> str:
     status = _http_status(err)
@@ -267,7 +266,7 @@ def _push_error_message(err: BaseException, repo_id: str, token: str | None) -> 
         return f"no Hugging Face token found, and the Hub needs one to push: {TOKEN_HINT}"
     if status == 403:
         return f"the token cannot write to {repo_id} (403): {TOKEN_HINT} with a token that has write access to it"
-    return f"pushing to {repo_id} failed: {redact(_one_line(err), token)}"
+    return f"pushing to {repo_id} failed: {redact(one_line(err), token)}"
 
 
 def _check_ddpm_index(

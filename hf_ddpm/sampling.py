@@ -35,6 +35,8 @@ from diffusers import (
 )
 from diffusers.utils import make_image_grid
 
+from hf_ddpm import hub
+from hf_ddpm.cli import one_line
 from hf_ddpm.pipeline import DDPMPipeline
 from hf_ddpm.scheduler import DDPMScheduler
 
@@ -142,10 +144,9 @@ def load_pipeline(model: str | Path, allow_pickle: bool = False) -> DDPMPipeline
     >>> pipe = load_pipeline("output")            # or a Hub repo id
     """
     try:
-        return DDPMPipeline.from_pretrained(model, allow_pickle=allow_pickle)
-    except (OSError, ValueError) as err:
-        reason = " ".join(str(err).split()) or type(err).__name__
-        raise ValueError(f"cannot load model {str(model)!r}: {reason}") from err
+        return hub.load_pipeline(model, allow_pickle=allow_pickle)
+    except (hub.HubError, OSError, ValueError) as err:
+        raise ValueError(f"cannot load model {str(model)!r}: {one_line(err)}") from err
 
 
 def image_generators(seed: int, indices: Sequence[int], device: str | torch.device = "cpu") -> list[torch.Generator]:

@@ -205,7 +205,7 @@ def restore_diffusers_verbosity():
         ("tiny-8", ["--num_images", "0"], "--num_images must be a positive integer"),
         ("tiny-8", ["--seed", "-1"], "--seed must be non-negative"),
         ("tiny-8", ["--mixed_precision", "fp16"], "fp16 needs a GPU"),
-        ("tmp/no-such-dir", [], 'no-such-dir" is neither a valid local path nor a valid repo id'),
+        ("tmp/no-such-dir", [], "no-such-dir is neither a local folder nor a valid Hub repo id"),
         ("someone/not-a-model", [], "cannot load model 'someone/not-a-model': "),  # offline Hub id
     ],
 )

@@ -40,6 +40,7 @@ _METRIC_LABELS = {
     "digits_confidence": "Digit classifier confidence",
     "digits_class_entropy": "Digit class entropy",
     "digits_fd": "FD (digit classifier features)",
+    "digits_fd_real_halves": "FD between two halves of the real digits (floor)",
 }
 # A Hub dataset id is "namespace/name"; "builtin:digits", bare names and local paths are not.
 _HUB_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

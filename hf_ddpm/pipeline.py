@@ -162,6 +162,7 @@ class DDPMPipeline(diffusers.DDPMPipeline):
             image = latents.to(device=self._execution_device, dtype=self.unet.dtype)
 
         self.scheduler.set_timesteps(num_inference_steps)
+        image = image * self.scheduler.init_noise_sigma  # 1 for DDPM, DDIM, DPM-Solver; sigma_max for Euler types
         step_parameters = inspect.signature(self.scheduler.step).parameters
         extra = {k: v for k, v in step_kwargs.items() if k in step_parameters}
         if "generator" in step_parameters:

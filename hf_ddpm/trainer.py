@@ -72,8 +72,9 @@ def derived_seed(*parts: Any) -> int:
 def make_noise_scheduler(args: TrainingArguments) -> DDPMScheduler:
     """The forward process of the run; saved with the pipeline as a plain diffusers DDPMScheduler config.
 
-    "trailing" timestep spacing changes nothing for 1000-step DDPM sampling, but is what a DDIM or DPM-Solver++
-    scheduler made with `from_config` should inherit for few-step sampling.
+    It carries `sampling.SAMPLING_CONFIG` (trailing timesteps, x_0 clipped to [-1, 1]), which changes nothing for
+    1000-step DDPM sampling and is what a DDIM or DPM-Solver++ scheduler made with `from_config` in plain
+    diffusers inherits for few-step sampling.
     """
     return DDPMScheduler(
         num_train_timesteps=args.num_train_timesteps,
@@ -82,7 +83,7 @@ def make_noise_scheduler(args: TrainingArguments) -> DDPMScheduler:
         beta_end=args.beta_end,
         prediction_type=args.prediction_type,
         variance_type=args.variance_type,
-        timestep_spacing="trailing",
+        **sampling.SAMPLING_CONFIG,
     )
 
 
@@ -131,11 +132,28 @@ class _EpochOrder:
         return self._perm[start : start + batch_size].tolist()
 
 
+# the vector extensions that decide CPU training speed, best first (bf16 autocast pays off only with the first)
+_ISA_LABELS = (("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux), else the architecture: speed figures are only comparable on one CPU."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+    isa = next((label for flag, label in _ISA_LABELS if flag in flags), "")
+    return f"{names[0] if names else platform.machine()} CPU{' (' + isa + ')' if isa else ''}"
+
+
 def _hardware(accelerator: Accelerator) -> str:
     if accelerator.device.type == "cuda":
         return f"{accelerator.num_processes}x {torch.cuda.get_device_name(accelerator.device)}"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{accelerator.num_processes} process(es) on {platform.machine()} CPU ({cores} cores)"
+    return (
+        f"{accelerator.num_processes} process(es) on {_cpu_name()} ({cores} cores), "
+        f"{torch.get_num_threads()} torch thread(s) per process"
+    )
 
 
 def _check_output_dir(args: TrainingArguments, resuming: bool) -> None:
@@ -230,10 +248,10 @@ class Trainer:
             logger.info("no checkpoint in %s yet; starting a fresh run", self.checkpoints_dir)
         logger.info(
             "%d images, %s parameters; batch %d per process x %d process(es) x %d accumulation = global batch %d; "
-            "%d optimizer steps",
+            "%d optimizer steps; %s",
             len(self.data), f"{self.num_params:,}", args.train_batch_size, self.world,
-            args.gradient_accumulation_steps, self.global_batch, self.max_steps,
-        )
+            args.gradient_accumulation_steps, self.global_batch, self.max_steps, _hardware(accelerator),
+        )  # fmt: skip
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             hparams = {k: v for k, v in args.to_dict().items() if isinstance(v, (int, float, str, bool))}

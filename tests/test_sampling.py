@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import runpy
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PYTHON, REPO_ROOT
+from conftest import PYTHON, REPO_ROOT, run_without_hf_ddpm
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
 from diffusers import DDPMPipeline as DiffusersDDPMPipeline
 from diffusers.utils import logging as diffusers_logging
@@ -20,12 +21,16 @@ from hf_ddpm.pipeline import DDPMPipeline
 from hf_ddpm.presets import build_unet
 from hf_ddpm.sampling import (
     SAMPLERS,
+    SAMPLING_CONFIG,
     default_steps,
     generate,
     image_generators,
     load_images,
     make_scheduler,
+    runs_in_plain_diffusers,
     save_images,
+    scheduler_settings,
+    usage_snippet,
 )
 from hf_ddpm.scheduler import DDPMScheduler
 
@@ -68,6 +73,7 @@ def test_every_sampler_gives_uint8_images_and_leaves_the_pipeline_alone(pipe, sa
     images = generate(pipe, 3, sampler=sampler, num_inference_steps=3, batch_size=2, progress=False)
     assert images.shape == (3, 1, 8, 8) and images.dtype == torch.uint8 and images.device.type == "cpu"
     assert pipe.scheduler is scheduler and pipe.scheduler.config.timestep_spacing == "leading"
+    assert not pipe.scheduler.config.thresholding
 
 
 def test_rgb_and_plain_diffusers_pipelines():
@@ -92,8 +98,9 @@ def test_default_steps():
         "ddpm": 1000,
         "ddim": 50,
         "dpmsolver++": 20,
+        "sde-dpmsolver++": 20,
         "unipc": 20,
-        "euler_a": 50,
+        "euler_a": 20,
     }
 
 
@@ -102,14 +109,13 @@ def test_make_scheduler_overrides_a_leading_clipping_ddpm_config():
         timestep_spacing="leading", clip_sample=True, beta_end=0.03, prediction_type="v_prediction"
     ).config
     made = {name: make_scheduler(name, config) for name in SAMPLERS}
-    assert type(made["ddpm"]) is DDPMScheduler and made["ddpm"].config.clip_sample  # the paper's sampler
-    assert isinstance(made["ddim"], DDIMScheduler)
-    assert not made["ddim"].config.clip_sample and made["ddim"].config.set_alpha_to_one
-    dpm = made["dpmsolver++"]
-    assert isinstance(dpm, DPMSolverMultistepScheduler)
-    assert (dpm.config.algorithm_type, dpm.config.solver_order) == ("dpmsolver++", 2)
-    assert dpm.config.lower_order_final and dpm.config.final_sigmas_type == "zero"
-    assert not dpm.config.thresholding and dpm.config.variance_type is None
+    assert type(made["ddpm"]) is DDPMScheduler  # the paper's sampler
+    assert isinstance(made["ddim"], DDIMScheduler) and made["ddim"].config.set_alpha_to_one
+    for name in ("dpmsolver++", "sde-dpmsolver++"):
+        dpm = made[name]
+        assert isinstance(dpm, DPMSolverMultistepScheduler)
+        assert (dpm.config.algorithm_type, dpm.config.solver_order) == (name, 2)
+        assert dpm.config.lower_order_final and dpm.config.final_sigmas_type == "zero"
     assert made["unipc"].config.predict_x0 and made["unipc"].config.solver_order == 2
     assert isinstance(made["euler_a"], EulerAncestralDiscreteScheduler)
     for name, scheduler in made.items():
@@ -118,6 +124,56 @@ def test_make_scheduler_overrides_a_leading_clipping_ddpm_config():
         assert scheduler.config.timestep_spacing == "trailing", name
         scheduler.set_timesteps(default_steps(name) if name != "ddpm" else 10)
         assert int(scheduler.timesteps[0]) == 999, name
+        if name != "euler_a":  # x_0 clipped to [-1, 1] by every solver that predicts x_0
+            assert scheduler.config.thresholding and scheduler.config.sample_max_value == 1.0, name
+
+
+def test_x0_clipping_bounds_every_solver_prediction():
+    """A model that predicts x_0 = 5 everywhere ends at x_0 = 1 (clipped) with every clipping sampler."""
+    config = DDPMScheduler(prediction_type="sample").config
+    for name in SAMPLERS:
+        if name == "euler_a":  # no x_0 prediction to clip in diffusers' Euler schedulers
+            continue
+        scheduler = make_scheduler(name, config)
+        scheduler.set_timesteps(4)
+        x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+        takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+        for t in scheduler.timesteps:
+            kwargs = {"generator": torch.Generator().manual_seed(1)} if takes_generator else {}
+            x = scheduler.step(torch.full_like(x, 5.0), t, x, **kwargs).prev_sample
+        assert torch.allclose(x, torch.ones_like(x), atol=1e-4), (name, float(x.max()))
+
+
+def test_trained_models_save_the_sampling_settings_plain_diffusers_inherits():
+    from hf_ddpm.trainer import make_noise_scheduler
+    from hf_ddpm.training_args import TrainingArguments
+
+    config = make_noise_scheduler(TrainingArguments()).config
+    assert {k: config[k] for k in SAMPLING_CONFIG} == SAMPLING_CONFIG
+    # what a plain-diffusers snippet must still pass: only what the saved config cannot carry
+    assert scheduler_settings("ddpm", config) == {} and scheduler_settings("ddim", config) == {}
+    assert scheduler_settings("dpmsolver++", config) == {}
+    assert scheduler_settings("sde-dpmsolver++", config) == {"algorithm_type": "sde-dpmsolver++"}
+
+
+@pytest.mark.parametrize("sampler", [name for name in SAMPLERS if SAMPLERS[name].plain_diffusers])
+def test_usage_snippet_gives_the_project_images_in_plain_diffusers(model_dir, pipe, tmp_path, sampler):
+    """The code the model card shows, run where hf_ddpm cannot be imported, draws generate()'s images."""
+    steps = 5
+    code = usage_snippet(str(model_dir), pipe.scheduler.config, sampler, steps, num_images=3, seed=2)
+    code += "\nnp.save('plain.npy', np.stack([np.asarray(im) for im in images]))"
+    run_without_hf_ddpm(code, cwd=tmp_path)
+    plain = torch.from_numpy(np.load(tmp_path / "plain.npy"))[:, None]
+    ours = generate(pipe, 3, sampler=sampler, num_inference_steps=steps, seed=2, batch_size=3, progress=False)
+    assert torch.equal(plain, ours), sampler
+
+
+def test_what_plain_diffusers_cannot_run_is_said():
+    tiny = build_unet("tiny-8").config
+    learned = {**tiny, "out_channels": 2 * tiny["in_channels"]}
+    assert runs_in_plain_diffusers("sde-dpmsolver++", tiny) and runs_in_plain_diffusers("ddpm", learned)
+    assert not runs_in_plain_diffusers("sde-dpmsolver++", learned) and not runs_in_plain_diffusers("ddim", learned)
+    assert not runs_in_plain_diffusers("unipc", tiny) and not runs_in_plain_diffusers("euler_a", tiny)
 
 
 def test_image_generators_depend_on_seed_and_index_only():

@@ -45,19 +45,24 @@ def list_checkpoints(checkpoints_dir: str | Path) -> list[Path]:
 
 
 def resolve_checkpoint(resume_from: str | None, checkpoints_dir: str | Path) -> Path | None:
-    """The checkpoint folder that `--resume_from_checkpoint` names: 'latest' (None if there is none yet) or a path."""
+    """The checkpoint folder that `--resume_from_checkpoint` names, or None when it is unset.
+
+    'latest' is the newest in `checkpoints_dir` (None if there is none yet); any other value is the name of one
+    there (`checkpoint-500`) or else a path.
+    """
     if resume_from is None:
         return None
+    available = list_checkpoints(checkpoints_dir)
     if resume_from == "latest":
-        found = list_checkpoints(checkpoints_dir)
-        return found[-1] if found else None
-    path = Path(resume_from)
-    if not (path / STATE_FILE).is_file():
-        raise CheckpointError(
-            f"--resume_from_checkpoint {resume_from} is not a complete checkpoint folder (no {STATE_FILE}); "
-            f"use 'latest' or one of: {', '.join(p.name for p in list_checkpoints(checkpoints_dir)) or 'none yet'}"
-        )
-    return path
+        return available[-1] if available else None
+    for path in (Path(checkpoints_dir) / resume_from, Path(resume_from)):
+        if (path / STATE_FILE).is_file():
+            return path
+    raise CheckpointError(
+        f"--resume_from_checkpoint {resume_from} is not a complete checkpoint folder (no {STATE_FILE}) in "
+        f"{checkpoints_dir} nor at that path; use 'latest' or one of: "
+        f"{', '.join(p.name for p in available) or f'none yet in {checkpoints_dir}'}"
+    )
 
 
 def save_checkpoint(

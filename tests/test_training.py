@@ -186,6 +186,14 @@ def test_refuses_to_overwrite_a_finished_run(tmp_path):
         run(tmp_path, "--max_train_steps", "1")
 
 
+def test_resume_by_checkpoint_name_from_any_directory(tmp_path, monkeypatch):
+    run(tmp_path, "--max_train_steps", "2", "--checkpointing_steps", "2")
+    monkeypatch.chdir(tmp_path)
+    args = parse_training_args([*FAST, "--output_dir", str(tmp_path / "out"), "--max_train_steps", "4",
+                                "--resume_from_checkpoint", "checkpoint-2"])  # fmt: skip
+    assert Trainer(args).resume == tmp_path / "out" / "checkpoints" / "checkpoint-2"
+
+
 def test_config_file_with_cli_overrides_and_preset_defaults(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("preset: tiny-8\ntrain_batch_size: 4\nlearning_rate: 0.5\n")

@@ -37,7 +37,7 @@ from hf_ddpm import checkpointing, sampling
 from hf_ddpm.cli import register_user_error
 from hf_ddpm.data import BUILTIN_DIGITS, ImageDataset, load_image_dataset
 from hf_ddpm.pipeline import DDPMPipeline
-from hf_ddpm.presets import build_unet
+from hf_ddpm.presets import build_unet, learned_variance_unet
 from hf_ddpm.scheduler import DDPMScheduler
 from hf_ddpm.timestep_samplers import UniformSampler, create_timestep_sampler
 from hf_ddpm.training_args import TrainingArguments
@@ -91,9 +91,14 @@ def build_model(args: TrainingArguments) -> UNet2DModel:
     overrides = json.loads(args.unet_overrides) if args.unet_overrides else {}
     if args.resolution is not None:
         overrides.setdefault("sample_size", args.resolution)
-    unet = build_unet(args.preset, **overrides)
+    unet = build_unet(args.preset, allow_pickle=args.allow_pickle, **overrides)
     if args.variance_type == "learned_range" and unet.config.out_channels == unet.config.in_channels:
-        unet = UNet2DModel(**{**unet.config, "out_channels": 2 * unet.config.in_channels})
+        unet = learned_variance_unet(unet)
+        logger.info(
+            "--variance_type learned_range: %s has %d output channels; training %d with all its weights, the mean "
+            "channels of conv_out kept and the variance channels zero (the mid-point of the log-variance bounds)",
+            args.preset, unet.config.in_channels, unet.config.out_channels,
+        )  # fmt: skip
     return unet
 
 

@@ -14,6 +14,8 @@ from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
 from hf_ddpm import checkpointing
+from hf_ddpm.pipeline import PickleWeightsError
+from hf_ddpm.presets import build_unet
 from hf_ddpm.trainer import Trainer, TrainingError, _EpochOrder, train
 from hf_ddpm.training_args import parse_training_args
 
@@ -192,6 +194,24 @@ def test_resume_by_checkpoint_name_from_any_directory(tmp_path, monkeypatch):
     args = parse_training_args([*FAST, "--output_dir", str(tmp_path / "out"), "--max_train_steps", "4",
                                 "--resume_from_checkpoint", "checkpoint-2"])  # fmt: skip
     assert Trainer(args).resume == tmp_path / "out" / "checkpoints" / "checkpoint-2"
+
+
+def test_learned_range_fine_tuning_keeps_the_loaded_weights(tmp_path, caplog):
+    source = build_unet("tiny-8")
+    source.save_pretrained(tmp_path / "start" / "unet", safe_serialization=False)
+    args = parse_training_args([*FAST, "--output_dir", str(tmp_path / "out"), "--preset", str(tmp_path / "start"),
+                                "--variance_type", "learned_range"])  # fmt: skip
+    with pytest.raises(PickleWeightsError, match="--allow_pickle"):
+        Trainer(args)
+    args.allow_pickle = True
+    with caplog.at_level("INFO"):
+        unet = Trainer(args).unet
+    assert unet.config.out_channels == 2
+    old, new = source.state_dict(), unet.state_dict()
+    assert all(torch.equal(new[k], v) for k, v in old.items() if not k.startswith("conv_out."))
+    for name in ("conv_out.weight", "conv_out.bias"):
+        assert torch.equal(new[name][:1], old[name]) and not new[name][1:].any()
+    assert "learned_range" in caplog.text and "variance channels" in caplog.text
 
 
 def test_config_file_with_cli_overrides_and_preset_defaults(tmp_path):

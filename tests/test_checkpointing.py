@@ -1,4 +1,4 @@
-"""Finding the checkpoint that --resume_from_checkpoint names."""
+"""Finding the checkpoint to resume from, and setting an earlier run aside for --overwrite_output_dir."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from hf_ddpm.checkpointing import STATE_FILE, CheckpointError, resolve_checkpoint
+from hf_ddpm import checkpointing
+from hf_ddpm.checkpointing import STATE_FILE, CheckpointError, resolve_checkpoint, set_aside
 
 
 def _checkpoint(folder: Path, step: int) -> Path:
@@ -38,3 +39,18 @@ def test_unknown_checkpoint_lists_the_available_names(tmp_path):
         resolve_checkpoint("checkpoint-6", checkpoints)
     with pytest.raises(CheckpointError, match="none yet"):
         resolve_checkpoint("checkpoint-2", tmp_path / "nothing")
+
+
+def test_set_aside_moves_everything_into_one_hidden_folder(tmp_path):
+    out = tmp_path / "out"
+    _checkpoint(out / "checkpoints", 8)
+    (out / "model_index.json").write_text("{}")
+    (out / "eval_results.json").write_text("{}")
+    (out / "logs").mkdir()
+    aside = set_aside(out)
+    assert list(out.iterdir()) == [aside] and aside.name.startswith(".overwritten-")
+    assert sorted(p.name for p in aside.iterdir()) == ["checkpoints", "eval_results.json", "logs", "model_index.json"]
+    assert checkpointing.list_checkpoints(out / "checkpoints") == []
+    again = set_aside(out)  # an earlier aside folder (a crashed overwrite) goes along, not lost
+    assert list(out.iterdir()) == [again] and (again / aside.name / "model_index.json").is_file()
+    assert set_aside(tmp_path / "missing") is None

@@ -4,7 +4,9 @@ A checkpoint is written into `checkpoints/.tmp-checkpoint-N/` and renamed to `ch
 once every process has finished writing and `trainer_state.json` (the last file) is on disk. Resume only ever
 looks at complete `checkpoint-N` folders, and older checkpoints are deleted only after a newer one is complete.
 The exported pipeline (`model_index.json`, `unet/`, `scheduler/`) is likewise written beside the old one and
-swapped in by renames. Multi-node runs need `--output_dir` on a file system that every node sees.
+swapped in by renames. `--overwrite_output_dir` renames an earlier run's files into a hidden `.overwritten-*`
+folder (`set_aside`) that is deleted only once the new run has exported. Multi-node runs need `--output_dir` on a
+file system that every node sees.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import logging
 import os
 import re
 import shutil
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,19 +49,40 @@ def list_checkpoints(checkpoints_dir: str | Path) -> list[Path]:
 
 
 def resolve_checkpoint(resume_from: str | None, checkpoints_dir: str | Path) -> Path | None:
-    """The checkpoint folder that `--resume_from_checkpoint` names: 'latest' (None if there is none yet) or a path."""
+    """The checkpoint folder that `--resume_from_checkpoint` names, or None when it is unset.
+
+    'latest' is the newest in `checkpoints_dir` (None if there is none yet); any other value is the name of one
+    there (`checkpoint-500`) or else a path.
+    """
     if resume_from is None:
         return None
+    available = list_checkpoints(checkpoints_dir)
     if resume_from == "latest":
-        found = list_checkpoints(checkpoints_dir)
-        return found[-1] if found else None
-    path = Path(resume_from)
-    if not (path / STATE_FILE).is_file():
-        raise CheckpointError(
-            f"--resume_from_checkpoint {resume_from} is not a complete checkpoint folder (no {STATE_FILE}); "
-            f"use 'latest' or one of: {', '.join(p.name for p in list_checkpoints(checkpoints_dir)) or 'none yet'}"
-        )
-    return path
+        return available[-1] if available else None
+    for path in (Path(checkpoints_dir) / resume_from, Path(resume_from)):
+        if (path / STATE_FILE).is_file():
+            return path
+    raise CheckpointError(
+        f"--resume_from_checkpoint {resume_from} is not a complete checkpoint folder (no {STATE_FILE}) in "
+        f"{checkpoints_dir} nor at that path; use 'latest' or one of: "
+        f"{', '.join(p.name for p in available) or f'none yet in {checkpoints_dir}'}"
+    )
+
+
+def set_aside(output_dir: str | Path) -> Path | None:
+    """Move everything in `output_dir` into a new `output_dir/.overwritten-<time>-<random>/`; None if it was empty.
+
+    Entries are renamed, not copied, so this is quick and a crash loses nothing; the caller deletes the folder
+    once the new run is written. Hidden folders are never pushed to the Hub.
+    """
+    output = Path(output_dir)
+    entries = sorted(output.iterdir()) if output.is_dir() else []
+    if not entries:
+        return None
+    aside = Path(tempfile.mkdtemp(prefix=f".overwritten-{time.strftime('%Y%m%d-%H%M%S')}-", dir=output))
+    for entry in entries:
+        os.replace(entry, aside / entry.name)
+    return aside
 
 
 def save_checkpoint(

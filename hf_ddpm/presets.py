@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from diffusers import UNet2DModel
+
+from hf_ddpm.pipeline import _refuse_pickle_only
 
 # Fields shared by every DDPM-style network: the paper's sinusoidal embedding (freq_shift 1, no sin/cos flip),
 # one attention head over all channels, and no padding before the strided down-sampling convolution.
@@ -227,16 +230,37 @@ def unet_config(spec: str | dict[str, Any], **overrides: Any) -> dict[str, Any]:
     return config
 
 
-def build_unet(spec: str | dict[str, Any], **overrides: Any) -> UNet2DModel:
+def build_unet(spec: str | dict[str, Any], allow_pickle: bool = False, **overrides: Any) -> UNet2DModel:
     """A UNet2DModel from a preset, config.json or dict (fresh weights), or from a model folder (its weights).
 
-    A folder holding weights (a saved UNet, or a pipeline folder with `unet/`) is loaded with those weights so
-    that training can start from it; `overrides` then only change fields that do not alter parameter shapes.
+    A folder (a saved UNet, or a pipeline folder with `unet/`) is loaded with its weights so that training starts
+    from them, and never falls back to fresh ones: safetensors load as is, pickle-only (`.bin`) weights only with
+    `allow_pickle=True`, a folder without weights is an error. `overrides` then only change fields that do not
+    alter parameter shapes.
     """
-    if isinstance(spec, str) and spec not in _PRESETS and Path(spec).is_dir():
-        folder = Path(spec)
-        if (folder / "unet").is_dir():
-            folder = folder / "unet"
-        if any(folder.glob("*.safetensors")):
-            return UNet2DModel.from_pretrained(folder, use_safetensors=True, **overrides)
-    return UNet2DModel(**unet_config(spec, **overrides))
+    if not (isinstance(spec, str) and spec not in _PRESETS and Path(spec).is_dir()):
+        return UNet2DModel(**unet_config(spec, **overrides))
+    folder = Path(spec) / "unet" if (Path(spec) / "unet").is_dir() else Path(spec)
+    if not allow_pickle:
+        _refuse_pickle_only(folder)
+    safetensors = any(folder.glob("*.safetensors"))
+    if not safetensors and not any(folder.glob("*.bin")):
+        raise FileNotFoundError(
+            f"no UNet weights (.safetensors or .bin) in {folder}; to start from fresh weights give a config.json "
+            "or a preset name"
+        )
+    return UNet2DModel.from_pretrained(folder, use_safetensors=safetensors, **overrides)
+
+
+def learned_variance_unet(unet: UNet2DModel) -> UNet2DModel:
+    """`unet` with twice its output channels, for variance_type learned_range, keeping every weight.
+
+    The first C channels of `conv_out` are `unet`'s (the mean prediction is unchanged); the C variance channels
+    start with zero weights and bias, i.e. v = 0: a log variance half-way between log beta~_t and log beta_t.
+    """
+    wide = UNet2DModel.from_config({**unet.config, "out_channels": 2 * unet.config.out_channels})
+    state = unet.state_dict()
+    for name in ("conv_out.weight", "conv_out.bias"):
+        state[name] = torch.cat([state[name], torch.zeros_like(state[name])])
+    wide.load_state_dict(state)
+    return wide

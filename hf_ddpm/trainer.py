@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -37,7 +38,7 @@ from hf_ddpm import checkpointing, sampling
 from hf_ddpm.cli import register_user_error
 from hf_ddpm.data import BUILTIN_DIGITS, ImageDataset, load_image_dataset
 from hf_ddpm.pipeline import DDPMPipeline
-from hf_ddpm.presets import build_unet
+from hf_ddpm.presets import build_unet, learned_variance_unet
 from hf_ddpm.scheduler import DDPMScheduler
 from hf_ddpm.timestep_samplers import UniformSampler, create_timestep_sampler
 from hf_ddpm.training_args import TrainingArguments
@@ -92,9 +93,14 @@ def build_model(args: TrainingArguments) -> UNet2DModel:
     overrides = json.loads(args.unet_overrides) if args.unet_overrides else {}
     if args.resolution is not None:
         overrides.setdefault("sample_size", args.resolution)
-    unet = build_unet(args.preset, **overrides)
+    unet = build_unet(args.preset, allow_pickle=args.allow_pickle, **overrides)
     if args.variance_type == "learned_range" and unet.config.out_channels == unet.config.in_channels:
-        unet = UNet2DModel(**{**unet.config, "out_channels": 2 * unet.config.in_channels})
+        unet = learned_variance_unet(unet)
+        logger.info(
+            "--variance_type learned_range: %s has %d output channels; training %d with all its weights, the mean "
+            "channels of conv_out kept and the variance channels zero (the mid-point of the log-variance bounds)",
+            args.preset, unet.config.in_channels, unet.config.out_channels,
+        )  # fmt: skip
     return unet
 
 
@@ -156,12 +162,26 @@ def _hardware(accelerator: Accelerator) -> str:
     )
 
 
-def _check_output_dir(args: TrainingArguments, resuming: bool) -> None:
-    if (Path(args.output_dir) / "model_index.json").exists() and not (resuming or args.overwrite_output_dir):
+def _check_output_dir(args: TrainingArguments, checkpoints_dir: Path) -> Path | None:
+    """Refuse a run that would mix with an earlier one in --output_dir; returns the checkpoint to resume from."""
+    if args.overwrite_output_dir and args.resume_from_checkpoint is not None:
         raise TrainingError(
-            f"--output_dir {args.output_dir} already holds a trained pipeline; pass --resume_from_checkpoint latest "
-            "to continue it, --overwrite_output_dir to replace it, or choose another --output_dir"
+            "--overwrite_output_dir starts over and --resume_from_checkpoint continues the run; pass one of them"
         )
+    resume = checkpointing.resolve_checkpoint(args.resume_from_checkpoint, checkpoints_dir)
+    if resume is not None or args.overwrite_output_dir:
+        return resume
+    output = Path(args.output_dir)
+    found = [name for name in ("model_index.json", f"{BEST_DIR}/model_index.json") if (output / name).is_file()]
+    found += [f"checkpoints/{path.name}" for path in checkpointing.list_checkpoints(checkpoints_dir)[-1:]]
+    if found:
+        no_checkpoint = " but no checkpoint to resume from" if args.resume_from_checkpoint else ""
+        raise TrainingError(
+            f"--output_dir {output} already holds an earlier run ({', '.join(found)}){no_checkpoint}; pass "
+            "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, or choose another "
+            "--output_dir"
+        )
+    return None
 
 
 class Trainer:
@@ -181,8 +201,14 @@ class Trainer:
         )
         if self.accelerator.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
             raise TrainingError("--mixed_precision fp16 needs a GPU; on CPU use --mixed_precision bf16 or no")
-        self.resume = checkpointing.resolve_checkpoint(args.resume_from_checkpoint, self.checkpoints_dir)
-        _check_output_dir(args, resuming=args.resume_from_checkpoint is not None)
+        self.resume = _check_output_dir(args, self.checkpoints_dir)
+        self.overwritten = None  # the earlier run, set aside by the main process; deleted once this one exported
+        if args.overwrite_output_dir and self.accelerator.is_main_process:
+            self.overwritten = checkpointing.set_aside(self.output_dir)
+            if self.overwritten is not None:
+                logger.info("--overwrite_output_dir: moved the earlier run to %s until this one is exported",
+                            self.overwritten)  # fmt: skip
+        self.accelerator.wait_for_everyone()
         set_seed(args.seed)  # identical initial weights on every process
 
         self.unet = build_model(args)
@@ -321,6 +347,8 @@ class Trainer:
         progress.close()
 
         results = self._export(global_step, wall_time, loss_avg, final_samples=True)
+        if self.overwritten is not None:
+            shutil.rmtree(self.overwritten)
         if self.hub:
             self.hub.push_async(accelerator, f"end of training, step {global_step}")
             self.hub.wait()

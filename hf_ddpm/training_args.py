@@ -36,6 +36,9 @@ class TrainingArguments:
     unet_overrides: str | None = field(
         default=None, metadata={"help": 'JSON object of UNet2DModel fields to override, e.g. \'{"dropout": 0.1}\''}
     )
+    allow_pickle: bool = field(
+        default=False, metadata={"help": "also load .bin (pickle) weights of a --preset folder; trusted sources only"}
+    )
     # Data
     dataset_name: str | None = field(
         default=None,

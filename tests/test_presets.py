@@ -8,7 +8,8 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from hf_ddpm.presets import build_unet, get_preset, list_presets, unet_config
+from hf_ddpm.pipeline import PickleWeightsError
+from hf_ddpm.presets import build_unet, get_preset, learned_variance_unet, list_presets, unet_config
 
 # google/ddpm-cifar10-32's config.json, written out from DEVELOPERS.md's description of the paper's model.
 DDPM_CIFAR10 = {
@@ -92,3 +93,38 @@ def test_own_config_json_and_model_folder(tmp_path):
                                                    strict=True))  # fmt: skip
     assert isinstance(build_unet(str(tmp_path)), UNet2DModel)  # a pipeline-style folder with unet/
     assert unet_config(str(tmp_path / "unet" / "config.json"))["sample_size"] == 8
+
+
+def test_pickle_only_folder_loads_only_with_allow_pickle(tmp_path):
+    unet = build_unet("tiny-8")
+    unet.save_pretrained(tmp_path / "unet", safe_serialization=False)  # google/ddpm-cifar10-32's layout
+    assert not list(tmp_path.rglob("*.safetensors"))
+    with pytest.raises(PickleWeightsError, match="--allow_pickle"):
+        build_unet(str(tmp_path))
+    loaded = build_unet(str(tmp_path), allow_pickle=True)
+    assert loaded.state_dict().keys() == unet.state_dict().keys()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in unet.state_dict().items())
+
+
+def test_model_folder_without_weights_is_an_error_not_fresh_weights(tmp_path):
+    build_unet("tiny-8").save_config(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no UNet weights"):
+        build_unet(str(tmp_path))
+    assert build_unet(str(tmp_path / "config.json")).config.sample_size == 8  # a config.json: fresh weights
+
+
+def test_learned_variance_unet_keeps_every_weight_and_zeroes_the_variance_channels():
+    unet = build_unet("small-16-rgb")
+    wide = learned_variance_unet(unet)
+    assert wide.config.out_channels == 6 and wide.config.in_channels == 3
+    old, new = unet.state_dict(), wide.state_dict()
+    assert new.keys() == old.keys()
+    for name in old:
+        if not name.startswith("conv_out."):
+            assert torch.equal(new[name], old[name]), name
+    for name in ("conv_out.weight", "conv_out.bias"):
+        assert torch.equal(new[name][:3], old[name]) and not new[name][3:].any(), name
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+    with torch.no_grad():  # the same mean prediction, and v = 0: the mid-point log variance
+        out = wide(x, t).sample
+        assert torch.allclose(out[:, :3], unet(x, t).sample, atol=1e-6) and not out[:, 3:].any()

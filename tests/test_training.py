@@ -14,6 +14,8 @@ from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
 from hf_ddpm import checkpointing
+from hf_ddpm.pipeline import PickleWeightsError
+from hf_ddpm.presets import build_unet
 from hf_ddpm.trainer import Trainer, TrainingError, _EpochOrder, train
 from hf_ddpm.training_args import parse_training_args
 
@@ -184,6 +186,72 @@ def test_refuses_to_overwrite_a_finished_run(tmp_path):
     run(tmp_path, "--max_train_steps", "1", "--checkpointing_steps", "1")
     with pytest.raises(TrainingError, match="--overwrite_output_dir"):
         run(tmp_path, "--max_train_steps", "1")
+
+
+def _no_data(*args, **kwargs):
+    raise AssertionError("the dataset was decoded before the output folder was checked")
+
+
+def test_a_folder_with_checkpoints_or_a_pipeline_is_refused_before_the_data_is_decoded(tmp_path, monkeypatch):
+    monkeypatch.setattr("hf_ddpm.trainer.load_training_data", _no_data)
+    out = tmp_path / "out"
+    (out / "checkpoints" / "checkpoint-3").mkdir(parents=True)
+    (out / "checkpoints" / "checkpoint-3" / checkpointing.STATE_FILE).write_text("{}")
+    refusal = r"holds an earlier run \(checkpoints/checkpoint-3\); pass --resume_from_checkpoint latest .* --overwrite"
+    with pytest.raises(TrainingError, match=refusal):
+        run(tmp_path)
+    (out / "checkpoints" / "checkpoint-3" / checkpointing.STATE_FILE).unlink()
+    (out / "model_index.json").write_text("{}")
+    with pytest.raises(TrainingError, match=r"\(model_index.json\) but no checkpoint.*--overwrite_output_dir"):
+        run(tmp_path, "--resume_from_checkpoint", "latest")  # used to start afresh into the old pipeline
+    with pytest.raises(TrainingError, match="pass one of them"):
+        run(tmp_path, "--overwrite_output_dir", "--resume_from_checkpoint", "latest")
+
+
+def test_overwrite_starts_a_clean_run_and_deletes_the_old_one_only_once_exported(tmp_path, monkeypatch):
+    out, _ = run(tmp_path, "--max_train_steps", "6", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2")
+    (out / "eval_results.json").write_text('{"results": []}')
+    before = {p.relative_to(out) for p in out.rglob("*")}
+    monkeypatch.setattr("hf_ddpm.trainer.load_training_data", _no_data)
+    with pytest.raises(AssertionError):  # a crash at the start: the old run is set aside, not lost
+        run(tmp_path, "--overwrite_output_dir", "--max_train_steps", "2")
+    (aside,) = out.iterdir()
+    assert {p.relative_to(aside) for p in aside.rglob("*")} == before
+    monkeypatch.undo()
+    _, results = run(tmp_path, "--overwrite_output_dir", "--max_train_steps", "2", "--checkpointing_steps", "2",
+                     "--checkpoints_total_limit", "2")  # fmt: skip
+    assert results["global_step"] == 2
+    # the old checkpoint-4 and -6 no longer make rotation delete the new checkpoint-2 at once
+    assert [p.name for p in checkpointing.list_checkpoints(out / "checkpoints")] == ["checkpoint-2"]
+    assert checkpointing.resolve_checkpoint("latest", out / "checkpoints").name == "checkpoint-2"
+    assert not (out / "eval_results.json").exists() and not list(out.glob(".overwritten-*"))
+    assert not before & {p.relative_to(out) for p in (out / "logs").rglob("events.out.tfevents.*")}  # old logs gone
+
+
+def test_resume_by_checkpoint_name_from_any_directory(tmp_path, monkeypatch):
+    run(tmp_path, "--max_train_steps", "2", "--checkpointing_steps", "2")
+    monkeypatch.chdir(tmp_path)
+    args = parse_training_args([*FAST, "--output_dir", str(tmp_path / "out"), "--max_train_steps", "4",
+                                "--resume_from_checkpoint", "checkpoint-2"])  # fmt: skip
+    assert Trainer(args).resume == tmp_path / "out" / "checkpoints" / "checkpoint-2"
+
+
+def test_learned_range_fine_tuning_keeps_the_loaded_weights(tmp_path, caplog):
+    source = build_unet("tiny-8")
+    source.save_pretrained(tmp_path / "start" / "unet", safe_serialization=False)
+    args = parse_training_args([*FAST, "--output_dir", str(tmp_path / "out"), "--preset", str(tmp_path / "start"),
+                                "--variance_type", "learned_range"])  # fmt: skip
+    with pytest.raises(PickleWeightsError, match="--allow_pickle"):
+        Trainer(args)
+    args.allow_pickle = True
+    with caplog.at_level("INFO"):
+        unet = Trainer(args).unet
+    assert unet.config.out_channels == 2
+    old, new = source.state_dict(), unet.state_dict()
+    assert all(torch.equal(new[k], v) for k, v in old.items() if not k.startswith("conv_out."))
+    for name in ("conv_out.weight", "conv_out.bias"):
+        assert torch.equal(new[name][:1], old[name]) and not new[name][1:].any()
+    assert "learned_range" in caplog.text and "variance channels" in caplog.text
 
 
 def test_config_file_with_cli_overrides_and_preset_defaults(tmp_path):

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -51,12 +50,10 @@ from hf_ddpm import metrics as M
 from hf_ddpm.checkpointing import write_json
 from hf_ddpm.data import BUILTIN_DIGITS, ImageDataset, load_image_dataset
 from hf_ddpm.feature_extractors import DINOV2_DEFAULT, FeatureExtractor, build_feature_extractor
-from hf_ddpm.model_card import card_was_edited, write_model_card
+from hf_ddpm.model_card import write_model_card
 from hf_ddpm.pipeline import DDPMPipeline
 from hf_ddpm.sampling import default_steps, generate, image_generators, load_images, load_pipeline
 from hf_ddpm.scheduler import DDPMScheduler
-
-logger = logging.getLogger(__name__)
 
 METRICS = ("fid", "kid", "inception_score", "fd_dinov2", "nll", "digits")
 # The feature extractor each metric needs (nll needs none).
@@ -383,15 +380,6 @@ def merge_eval_results(path: str | Path, entries: Sequence[Mapping[str, Any]]) -
     return merged
 
 
-def _update_model_card(folder: Path) -> None:
-    """Re-render folder/README.md from its JSON files, unless a person edited it."""
-    readme = folder / "README.md"
-    if readme.is_file() and card_was_edited(readme.read_text(encoding="utf-8")):
-        logger.warning("kept %s: it was edited by hand (the new results are in %s)", readme, RESULTS_FILE)
-        return
-    write_model_card(folder)
-
-
 def _sample_size(sample_size: int | Sequence[int]) -> int:
     return sample_size if isinstance(sample_size, int) else sample_size[0]
 
@@ -442,7 +430,8 @@ def evaluate(
         accelerator: spread sampling, feature extraction and NLL over its processes.
         output_json: where to merge the results (default MODEL/eval_results.json when MODEL is a local folder;
             nothing is written for a Hub id without output_json). Only the main process writes.
-        update_model_card: re-render MODEL/README.md when the results went to MODEL/eval_results.json.
+        update_model_card: re-render MODEL/README.md when the results went to MODEL/eval_results.json (a card
+            edited by hand is kept, see `write_model_card`).
         feature_extractors: ready extractors by kind ("inception", "dinov2", "digits") instead of the standard ones.
         allow_pickle: let `DDPMPipeline.from_pretrained` load .bin weights (trusted sources only).
     """
@@ -529,7 +518,7 @@ def evaluate(
         merge_eval_results(output_json, entries)
         card_reads_it = folder is not None and Path(output_json).resolve() == (folder / RESULTS_FILE).resolve()
         if update_model_card and card_reads_it:
-            _update_model_card(folder)
+            write_model_card(folder)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return results

@@ -12,13 +12,14 @@ evaluation table. Every field is optional: whatever the folder lacks is left out
 token (`hub_token`, ...) are never rendered.
 
 A rendered card ends with a fingerprint of its own text, so `card_was_edited` tells an untouched generated card
-(safe to regenerate) from one a person edited (to be kept).
+(safe to regenerate) from one a person edited, which `write_model_card` keeps unless told to overwrite it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -26,6 +27,8 @@ from typing import Any
 
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+logger = logging.getLogger(__name__)
 
 TEMPLATE_NAME = "ddpm.md.jinja"
 LICENSE = "apache-2.0"
@@ -108,9 +111,21 @@ def render_model_card(
     return card
 
 
-def write_model_card(output_dir: str | os.PathLike, repo_id: str | None = None, base_model: str | None = None) -> Path:
-    """Render the card of `output_dir` (see `render_model_card`) into `output_dir/README.md`; return its path."""
+def write_model_card(
+    output_dir: str | os.PathLike, repo_id: str | None = None, base_model: str | None = None, overwrite: bool = False
+) -> Path:
+    """Render the card of `output_dir` (see `render_model_card`) into `output_dir/README.md`; return its path.
+
+    A README.md that `card_was_edited` (by hand, or not made by hf_ddpm) is kept, with a warning, unless
+    `overwrite`: every writer of a local card (training export, `--eval_every`, evaluation) goes through here.
+    """
     path = Path(output_dir) / "README.md"
+    if not overwrite and path.is_file() and card_was_edited(path.read_text(encoding="utf-8")):
+        logger.warning(
+            "kept %s: it was edited by hand, so it does not show the folder's current training_summary.json and "
+            "eval_results.json; delete it to have it regenerated", path
+        )
+        return path
     render_model_card(output_dir, repo_id=repo_id, base_model=base_model).save(path)
     return path
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -179,6 +180,23 @@ def test_card_was_edited_tells_generated_cards_from_edited_ones(
 ) -> None:
     path = write_model_card(make_output(tmp_path / "out"), repo_id=REPO)
     assert card_was_edited(edit(path.read_text(encoding="utf-8"))) is edited
+
+
+def test_write_model_card_keeps_a_hand_edited_card_unless_told_to_overwrite(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = make_output(tmp_path / "out", evaluations=EVALUATIONS[:1])
+    path = write_model_card(out, repo_id=REPO)
+    path.write_text(path.read_text(encoding="utf-8").replace("## Usage", "## How to use"), encoding="utf-8")
+    edited = path.read_text(encoding="utf-8")
+    (out / "eval_results.json").write_text(json.dumps({"results": EVALUATIONS}))
+
+    with caplog.at_level(logging.WARNING, logger="hf_ddpm.model_card"):
+        assert write_model_card(out, repo_id=REPO) == path
+    assert path.read_text(encoding="utf-8") == edited
+    assert f"kept {path}: it was edited by hand" in caplog.text
+    write_model_card(out, repo_id=REPO, overwrite=True)
+    assert "## Usage" in path.read_text(encoding="utf-8") and "NLL (bits/dim)" in path.read_text(encoding="utf-8")
 
 
 def test_template_is_found_in_the_checkout() -> None:

@@ -11,6 +11,8 @@ paper's 1000-step sampler and a 20-step DPM-Solver++), the training set-up from 
 evaluation table. Every field is optional: whatever the folder lacks is left out. Configuration keys that name a
 token (`hub_token`, ...) are never rendered.
 
+Each evaluation row names its sampler, steps, samples and seed (and, for NLL, whether x_0 was clipped).
+
 A rendered card ends with a fingerprint of its own text, so `card_was_edited` tells an untouched generated card
 (safe to regenerate) from one a person edited, which `write_model_card` keeps unless told to overwrite it.
 """
@@ -209,16 +211,27 @@ def _training_rows(
     return [(label, _cell(value)) for label, value in rows if value is not None]
 
 
+def _metric_label(entry: dict[str, Any]) -> str:
+    """The metric's name, and for NLL whether the bound clamped the predicted x_0 (entries before it was recorded
+    say so)."""
+    metric = entry.get("metric", "?")
+    label = _METRIC_LABELS.get(metric, metric)
+    if metric != "nll_bpd":
+        return label
+    clipping = {True: "clipped x_0", False: "unclipped x_0", None: "x_0 clipping not recorded"}
+    return f"{label}, {clipping[entry.get('clip_denoised')]}"
+
+
 def _eval_row(entry: dict[str, Any], dataset: str | None) -> list[str]:
     split = entry.get("split")
     source = entry.get("dataset") or dataset or "?"
-    metric = entry.get("metric", "?")
     cells = [
-        _METRIC_LABELS.get(metric, metric),
+        _metric_label(entry),
         entry.get("value"),
         entry.get("sampler"),
         entry.get("num_inference_steps"),
         f"{entry['num_samples']:,}" if entry.get("num_samples") is not None else None,
+        entry.get("seed"),
         f"{source} / {split}" if split else source,
     ]
     return [_cell(cell) if cell is not None else "–" for cell in cells]
@@ -227,11 +240,12 @@ def _eval_row(entry: dict[str, Any], dataset: str | None) -> list[str]:
 def _eval_result(entry: dict[str, Any], dataset: str | None) -> EvalResult:
     """One `eval_results.json` entry as a model-index result; the sampling set-up goes into the metric args."""
     source = entry.get("dataset") or dataset or "unknown"
-    setup = {key: entry.get(key) for key in ("sampler", "num_inference_steps", "num_samples")}
+    keys = ("sampler", "num_inference_steps", "num_samples", "seed", "batch_size", "clip_denoised")
+    setup = {key: entry.get(key) for key in keys}
     described = [str(entry["sampler"])] if setup["sampler"] else []
     described += [f"{setup['num_inference_steps']} steps"] if setup["num_inference_steps"] else []
     described += [f"{setup['num_samples']} samples"] if setup["num_samples"] else []
-    label = _METRIC_LABELS.get(entry["metric"], entry["metric"])
+    label = _metric_label(entry)
     return EvalResult(
         task_type=TASK,
         task_name="Unconditional Image Generation",

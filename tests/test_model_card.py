@@ -43,13 +43,16 @@ RESULTS = {
     "num_train_images": 60000,
     "dataset": "ylecun/mnist",
 }
+NO_NLL = {"batch_size": None, "clip_denoised": None}
 EVALUATIONS = [
     {"metric": "fid", "value": 12.3456, "sampler": "ddpm", "num_inference_steps": 1000, "num_samples": 10000,
-     "dataset": "ylecun/mnist", "split": "test"},
+     "seed": 0, **NO_NLL, "dataset": "ylecun/mnist", "split": "test"},
     {"metric": "fid", "value": 14.1, "sampler": "dpmsolver++", "num_inference_steps": 20, "num_samples": 10000,
-     "dataset": "ylecun/mnist", "split": "test"},
-    {"metric": "nll_bpd", "value": 1.23, "sampler": None, "num_inference_steps": None, "num_samples": None,
-     "dataset": "ylecun/mnist", "split": "test"},
+     "seed": 0, **NO_NLL, "dataset": "ylecun/mnist", "split": "test"},
+    {"metric": "nll_bpd", "value": 1.23, "sampler": None, "num_inference_steps": None, "num_samples": 500,
+     "seed": 3, "batch_size": 32, "clip_denoised": True, "dataset": "ylecun/mnist", "split": "test"},
+    {"metric": "nll_bpd", "value": 1.31, "sampler": None, "num_inference_steps": None, "num_samples": 500,
+     "seed": 3, "batch_size": 32, "clip_denoised": False, "dataset": "ylecun/mnist", "split": "test"},
 ]  # fmt: skip
 
 
@@ -87,9 +90,12 @@ def test_card_metadata_parses_with_huggingface_hub_and_round_trips_the_metrics(t
     assert [(r.metric_type, r.metric_value, r.dataset_type, r.dataset_split) for r in results] == [
         (e["metric"], e["value"], e["dataset"], e["split"]) for e in EVALUATIONS
     ]
-    assert results[1].metric_args == {"sampler": "dpmsolver++", "num_inference_steps": 20, "num_samples": 10000}
+    assert results[1].metric_args == {"sampler": "dpmsolver++", "num_inference_steps": 20, "num_samples": 10000,
+                                      "seed": 0}  # fmt: skip
     assert results[1].metric_name == "FID (dpmsolver++, 20 steps, 10000 samples)"
-    assert results[2].metric_args is None
+    assert results[2].metric_args == {"num_samples": 500, "seed": 3, "batch_size": 32, "clip_denoised": True}
+    assert results[2].metric_name == "NLL (bits/dim), clipped x_0 (500 samples)"
+    assert results[3].metric_name == "NLL (bits/dim), unclipped x_0 (500 samples)"
     assert {r.task_type for r in results} == {"unconditional-image-generation"}
     assert [r.metric_value for r in card.data.eval_results] == [e["value"] for e in EVALUATIONS]
 
@@ -118,12 +124,20 @@ def test_card_body_has_samples_usage_training_and_evaluation(tmp_path: Path) -> 
         "| Hardware | 4x NVIDIA A100 |",
         "| Wall time | 1h 02m 05s |",
         "| Throughput | 68.8 images/s |",
-        "| FID | 12.35 | ddpm | 1000 | 10,000 | ylecun/mnist / test |",
-        "| NLL (bits/dim) | 1.23 | – | – | – | ylecun/mnist / test |",
+        "| FID | 12.35 | ddpm | 1000 | 10,000 | 0 | ylecun/mnist / test |",
+        "| NLL (bits/dim), clipped x_0 | 1.23 | – | – | 500 | 3 | ylecun/mnist / test |",
+        "| NLL (bits/dim), unclipped x_0 | 1.31 | – | – | 500 | 3 | ylecun/mnist / test |",
     ]:
         assert row in text, row
     assert "16×16 grayscale images" in text
     assert "Not evaluated yet." not in text
+
+
+def test_entries_without_seed_or_clipping_say_so(tmp_path: Path) -> None:
+    old = [{"metric": "nll_bpd", "value": 1.5, "sampler": None, "num_inference_steps": None, "num_samples": 100,
+            "dataset": "ylecun/mnist", "split": "test"}]  # fmt: skip
+    text = str(render_model_card(make_output(tmp_path / "out", evaluations=old)))
+    assert "| NLL (bits/dim), x_0 clipping not recorded | 1.5 | – | – | 100 | – | ylecun/mnist / test |" in text
 
 
 def test_card_never_contains_a_token(tmp_path: Path) -> None:
@@ -196,7 +210,7 @@ def test_write_model_card_keeps_a_hand_edited_card_unless_told_to_overwrite(
     assert path.read_text(encoding="utf-8") == edited
     assert f"kept {path}: it was edited by hand" in caplog.text
     write_model_card(out, repo_id=REPO, overwrite=True)
-    assert "## Usage" in path.read_text(encoding="utf-8") and "NLL (bits/dim)" in path.read_text(encoding="utf-8")
+    assert "## Usage" in path.read_text(encoding="utf-8") and "unclipped x_0" in path.read_text(encoding="utf-8")
 
 
 def test_template_is_found_in_the_checkout() -> None:

@@ -53,7 +53,7 @@ from hf_ddpm import metrics as M
 from hf_ddpm.checkpointing import write_json
 from hf_ddpm.data import BUILTIN_DIGITS, ImageDataset, load_image_dataset
 from hf_ddpm.feature_extractors import DINOV2_DEFAULT, FeatureExtractor, build_feature_extractor
-from hf_ddpm.model_card import write_model_card
+from hf_ddpm.model_card import REFERENCE_ONLY_VALUES, write_model_card
 from hf_ddpm.pipeline import DDPMPipeline
 from hf_ddpm.sampling import default_steps, generate, image_generators, load_images, load_pipeline
 from hf_ddpm.scheduler import DDPMScheduler
@@ -70,8 +70,6 @@ DEFAULT_BATCH_SIZE = 64
 CONFIDENCE_THRESHOLD = 0.9
 # A new result replaces an old one with the same key; clipped and unclipped NLL are different results.
 _RESULT_KEY = ("metric", "sampler", "num_inference_steps", "clip_denoised", "dataset", "split")
-# Values computed from reference images alone: no sampler, and num_samples counts reference images.
-_REFERENCE_ONLY = ("nll_bpd", "digits_fd_real_halves")
 # In-memory reference statistics for evaluate_pipeline, which writes no files.
 _MEMORY_STATS: dict[str, M.FeatureStats] = {}
 
@@ -424,7 +422,7 @@ def result_entries(
         {
             "metric": metric,
             "value": value,
-            **{key: None if metric in _REFERENCE_ONLY else v for key, v in sampling.items()},
+            **{key: None if metric in REFERENCE_ONLY_VALUES else v for key, v in sampling.items()},
             "num_samples": counts.get(metric, num_samples),
             "seed": seed,
             **{key: v if metric == "nll_bpd" else None for key, v in nll_setup.items()},

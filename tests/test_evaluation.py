@@ -149,6 +149,32 @@ def test_cli_takes_num_images_or_num_samples_and_records_nll_clipping(model_dir)
     assert "--num_images 4 --seed 1 --batch_size 4 --no_nll_clip_denoised" in card
 
 
+def test_eval_every_best_export_carries_its_results_and_card(tmp_path):
+    from hf_ddpm.trainer import Trainer
+    from hf_ddpm.training_args import parse_training_args
+
+    out = tmp_path / "out"
+    trainer = Trainer(parse_training_args([
+        "--preset", "tiny-8", "--output_dir", str(out), "--max_train_samples", "160", "--report_to", "none",
+        "--eval_every", "2", "--eval_metric", "digits", "--eval_num_samples", "70", "--preview_sampler", "ddim",
+        "--preview_steps", "2", "--seed", "5",
+    ]))  # fmt: skip
+    trainer._evaluate(2)
+    best = json.loads((out / "best" / "best_eval.json").read_text())
+    entries = {e["metric"]: e for e in json.loads((out / "best" / "eval_results.json").read_text())["results"]}
+    assert all(set(entry) == ENTRY_KEYS for entry in entries.values())
+    assert {metric: entry["value"] for metric, entry in entries.items()} == {k: best[k] for k in entries}
+    assert entries["digits_fd"] == {
+        "metric": "digits_fd", "value": best["digits_fd"], "sampler": "ddim", "num_inference_steps": 2,
+        "num_samples": 70, "seed": 5, "batch_size": None, "clip_denoised": None, "dataset": "builtin:digits",
+        "split": "train[:160]",
+    }  # fmt: skip
+    assert entries["digits_fd_real_halves"]["num_samples"] == 160
+    card = (out / "best" / "README.md").read_text()
+    assert f"| FD (digit classifier features) | {best['digits_fd']:.4g} | ddim | 2 | 70 | 5 |" in card
+    assert "--metrics digits --sampler ddim --num_inference_steps 2 --num_images 70 --seed 5" in card
+
+
 def test_digits_metric_from_saved_samples(model_dir, tmp_path):
     real = torch.from_numpy(digits_images(8))[:100]
     samples = tmp_path / "samples.npz"

@@ -16,9 +16,11 @@ Design:
   settings, this file and the Pillow version. File-backed sources therefore get an Arrow cache file that later
   runs memory-map instead of decoding again; in-memory sources (the built-in digits) are simply kept.
 * Rows are stored as raw uint8 CHW bytes plus their height and width. With `center_crop` every row is the
-  `resolution` square; with `random_crop` the row keeps the short-side-resized image (short side ==
-  `resolution`, variable long side, no padding) and `get_batch` picks the square window, so the crop
-  position is drawn at batch time from the caller's generator. With neither, the image is squashed square.
+  `resolution` square, cropped once at decode time; with `random_crop` the row keeps the short-side-resized
+  image (short side == `resolution`, variable long side, no padding) and `get_batch` cuts the square window at
+  a position drawn from the caller's generator every time the row is batched, so each epoch sees other crops.
+  An image that is square after resizing has a single window: `random_crop` changes nothing for it (nor for
+  the built-in digits, which are square). With neither, the image is squashed square.
 * Alpha (LA, RGBA, PA, palette or grayscale/RGB with tRNS transparency) is composited onto white:
   transparent images (icons, sprites, logos, line art) are drawn to be seen on a light page, whereas dropping
   alpha exposes whatever colour the encoder left under transparent pixels and black hides dark strokes.
@@ -109,8 +111,9 @@ class ImageDataset:
     ) -> torch.Tensor:
         """float32 (B, C, R, R) in [-1, 1] (0 -> -1, 255 -> 1) for the given rows.
 
-        Augmentation draws only from `generator` (torch's global generator when None): first one crop position
-        per row if the dataset was built with `random_crop`, then one flip decision per row if `random_flip`.
+        Augmentation draws only from `generator` (torch's global generator when None), afresh on every call:
+        first one crop position per row if the dataset was built with `random_crop` (drawn for square rows too,
+        where every position gives the same window), then one flip decision per row if `random_flip`.
         """
         n = len(indices)
         positions = torch.rand(n, generator=generator).tolist() if self.random_crop else [0.5] * n
@@ -155,8 +158,10 @@ def load_image_dataset(
     DatasetDict is indexed by `split`, a saved Dataset is used whole) or `BUILTIN_DIGITS` (all 1797 digits;
     the default when neither `dataset_name` nor `train_data_dir` is given). `train_data_dir` is a folder of
     image files, searched recursively. `max_train_samples` keeps the first rows of the split.
-    Geometry: `random_crop` keeps the short-side-resized image and crops in `get_batch`; otherwise
-    `center_crop` resizes the short side and centre-crops; with both False the image is squashed square.
+    Geometry: `random_crop` (which takes precedence over `center_crop`) keeps the short-side-resized image and
+    crops a random window in every `get_batch`, a no-op for images that are square after resizing and ignored for
+    the square built-in digits; otherwise `center_crop` resizes the short side and centre-crops once, here; with
+    both False the image is squashed square.
     """
     _check_positive("resolution", resolution)
     if channels not in (1, 3):

@@ -7,7 +7,8 @@
 
 `evaluate` generates samples with `hf_ddpm.sampling.generate` (or reads them), runs the feature extractors of
 `hf_ddpm.feature_extractors` on samples and reference images, computes the metrics of `hf_ddpm.metrics`, merges
-the results into `eval_results.json` and re-renders the model card. `evaluate_pipeline` is the same without files,
+the results into `eval_results.json` (`result_entries`: each value with what reproduces it) and re-renders the
+model card. `evaluate_pipeline` is the same without files,
 for the training loop's `--eval_every`.
 
 Metrics (names for `metrics`) and the values they report:
@@ -20,8 +21,10 @@ Metrics (names for `metrics`) and the values they report:
   "digits_fd_real_halves" (the same between two random halves of the reference: a floor for digits_fd; with
   N/2 images per half it carries more finite-sample bias than digits_fd, so read it as an order of magnitude).
 * nll -> "nll_bpd": the negative variational bound in bits/dim (all T terms plus the prior, Ho et al. eq. 5 with
-  the discretised decoder) averaged over the first `num_samples` reference images. Evaluate held-out images:
-  `split="test"`, or `heldout_last=N` for the last N rows of a split (the built-in digits have a single split:
+  the discretised decoder) averaged over the first `num_samples` reference images. By default every term clamps
+  the predicted x_0 to [-1, 1] before forming the posterior mean, as the DDPM paper's code and improved-diffusion
+  report NLL (`nll_clip_denoised=False`: the unclipped bound); eval_results.json records which. Evaluate held-out
+  images: `split="test"`, or `heldout_last=N` for the last N rows of a split (the built-in digits have a single split:
   train with `--max_train_samples 1797-N`, evaluate with `heldout_last=N`).
 
 Work is spread over accelerate processes: samples by `generate`; feature extraction and NLL in fixed global
@@ -36,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -51,12 +53,10 @@ from hf_ddpm import metrics as M
 from hf_ddpm.checkpointing import write_json
 from hf_ddpm.data import BUILTIN_DIGITS, ImageDataset, load_image_dataset
 from hf_ddpm.feature_extractors import DINOV2_DEFAULT, FeatureExtractor, build_feature_extractor
-from hf_ddpm.model_card import card_was_edited, write_model_card
+from hf_ddpm.model_card import REFERENCE_ONLY_VALUES, write_model_card
 from hf_ddpm.pipeline import DDPMPipeline
 from hf_ddpm.sampling import default_steps, generate, image_generators, load_images, load_pipeline
 from hf_ddpm.scheduler import DDPMScheduler
-
-logger = logging.getLogger(__name__)
 
 METRICS = ("fid", "kid", "inception_score", "fd_dinov2", "nll", "digits")
 # The feature extractor each metric needs (nll needs none).
@@ -66,9 +66,10 @@ EXTRACTOR_OF = {"fid": "inception", "kid": "inception", "inception_score": "ince
 _FRECHET = ("fid", "fd_dinov2", "digits")
 RESULTS_FILE = "eval_results.json"
 DEFAULT_NUM_SAMPLES = 1000
+DEFAULT_BATCH_SIZE = 64
 CONFIDENCE_THRESHOLD = 0.9
-# (metric, sampler, num_inference_steps, dataset, split): a new result replaces an old one with the same key.
-_RESULT_KEY = ("metric", "sampler", "num_inference_steps", "dataset", "split")
+# A new result replaces an old one with the same key; clipped and unclipped NLL are different results.
+_RESULT_KEY = ("metric", "sampler", "num_inference_steps", "clip_denoised", "dataset", "split")
 # In-memory reference statistics for evaluate_pipeline, which writes no files.
 _MEMORY_STATS: dict[str, M.FeatureStats] = {}
 
@@ -138,11 +139,13 @@ def nll_bits_per_dim(
     batch_size: int = 64,
     seed: int = 0,
     accelerator: accelerate.Accelerator | None = None,
+    clip_denoised: bool = True,
 ) -> torch.Tensor:
     """Per-image negative variational bound (N,) in bits/dim of uint8 images, through the scheduler.
 
     x0 = pixels / 127.5 - 1; `DDPMScheduler.nll_bits_per_dim` with model_fn(x_t, t) = unet(x_t, t).sample sums
-    the prior term and all T terms. Batches of `batch_size` images run timestep_batch = batch_size // images
+    the prior term and all T terms, with the predicted x_0 clamped to [-1, 1] in each unless not `clip_denoised`
+    (see `DDPMScheduler.calc_bpd_loop`). Batches of `batch_size` images run timestep_batch = batch_size // images
     timesteps per UNet call; the noise of batch b comes from `sampling.image_generators(seed, [b])`, so the
     values depend on the batch size but not on the number of processes.
     """
@@ -161,7 +164,10 @@ def nll_bits_per_dim(
         x0 = pixels.to(unet.device).float() / 127.5 - 1
         generator = image_generators(seed, [batch_index])[0]  # seeded from (seed, batch_index) alone
         timestep_batch = max(1, batch_size // len(batch))
-        return {"nll": scheduler.nll_bits_per_dim(model_fn, x0, generator=generator, timestep_batch=timestep_batch)}
+        nll = scheduler.nll_bits_per_dim(
+            model_fn, x0, generator=generator, timestep_batch=timestep_batch, clip_denoised=clip_denoised
+        )
+        return {"nll": nll}
 
     return distributed_batches(run, len(rows), batch_size, accelerator)["nll"]
 
@@ -241,6 +247,7 @@ def _compute(
     stats_cache_dir: str | Path | None,
     labels: Mapping[str, Any] | None,
     accelerator: accelerate.Accelerator | None,
+    nll_clip_denoised: bool,
 ) -> dict[str, float]:
     """The values of `metrics` (see the module docstring) from samples, reference rows and the pipeline."""
     sample_outputs = {
@@ -271,7 +278,9 @@ def _compute(
             results["digits_fd"] = M.frechet_distance(M.FeatureStats.from_features(outputs["features"]), real)
             results["digits_fd_real_halves"] = _real_halves_distance(real.features, seed)
         elif metric == "nll":
-            nll = nll_bits_per_dim(pipeline, reference, rows[:num_samples], batch_size, seed, accelerator)
+            nll = nll_bits_per_dim(
+                pipeline, reference, rows[:num_samples], batch_size, seed, accelerator, nll_clip_denoised
+            )
             results["nll_bpd"] = float(nll.mean())
     return results
 
@@ -335,14 +344,16 @@ def evaluate_pipeline(
     reference: ImageDataset,
     accelerator: accelerate.Accelerator | None,
     *,
-    batch_size: int = 64,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    nll_clip_denoised: bool = True,
     feature_extractors: Mapping[str, FeatureExtractor] | None = None,
 ) -> dict[str, float]:
     """One metric of a pipeline in memory, for the training loop's `--eval_every`; writes no files.
 
     Samples `num_samples` images (for nll: scores the first `num_samples` rows of `reference`), compares them
-    with all of `reference`, and returns the metric's values (e.g. the four digits_* values). Reference statistics
-    are kept in memory, so repeated calls with the same reference compute them once. Call it on every process.
+    with all of `reference`, and returns the metric's values (e.g. the four digits_* values); `result_entries`
+    turns them into eval_results.json entries. Reference statistics are kept in memory, so repeated calls with the
+    same reference compute them once. Call it on every process.
     """
     metrics = check_metrics([metric])
     extractors = build_extractors(metrics, feature_extractors=feature_extractors, accelerator=accelerator)
@@ -357,7 +368,7 @@ def evaluate_pipeline(
     return _compute(
         metrics, samples=samples, reference=reference, rows=range(len(reference)), pipeline=pipeline,
         extractors=extractors, num_samples=num_samples, batch_size=batch_size, seed=seed, stats_cache_dir=None,
-        labels=None, accelerator=accelerator,
+        labels=None, accelerator=accelerator, nll_clip_denoised=nll_clip_denoised,
     )  # fmt: skip
 
 
@@ -371,9 +382,60 @@ def _training_dataset(folder: Path | None) -> dict[str, Any]:
     return {name: config[name] for name in names if name in config}
 
 
+def dataset_label(dataset_name: str | None, train_data_dir: str | None) -> str:
+    """The "dataset" of an eval_results.json entry: the folder, else the dataset name, else the built-in digits."""
+    return train_data_dir or dataset_name or BUILTIN_DIGITS
+
+
+def split_label(split: str, first: int | None = None, last: int | None = None) -> str:
+    """The "split" of an entry, in datasets' slicing notation: "train", "train[:N]" (first N), "train[-N:]"."""
+    if first is not None:
+        return f"{split}[:{first}]"
+    return f"{split}[-{last}:]" if last is not None else split
+
+
+def result_entries(
+    results: Mapping[str, float],
+    *,
+    sampler: str | None,
+    num_inference_steps: int | None,
+    num_samples: int,
+    num_reference: int,
+    seed: int,
+    batch_size: int,
+    nll_clip_denoised: bool,
+    dataset: str,
+    split: str,
+) -> list[dict[str, Any]]:
+    """The eval_results.json entries of `results` ({value name: value}), each with what reproduces it.
+
+    Every entry has metric, value, sampler, num_inference_steps, num_samples, seed, batch_size, clip_denoised,
+    dataset and split. Sample metrics record the sampler and steps that made their `num_samples` samples (None:
+    scored from saved samples of unrecorded origin); nll_bpd and digits_fd_real_halves use reference images only,
+    so their sampler and steps are None and num_samples counts the reference images used. batch_size and
+    clip_denoised change the NLL (its noise is seeded per batch) and are None for every other value.
+    """
+    counts = {"nll_bpd": min(num_samples, num_reference), "digits_fd_real_halves": num_reference}
+    sampling = {"sampler": sampler, "num_inference_steps": num_inference_steps}
+    nll_setup = {"batch_size": batch_size, "clip_denoised": nll_clip_denoised}
+    return [
+        {
+            "metric": metric,
+            "value": value,
+            **{key: None if metric in REFERENCE_ONLY_VALUES else v for key, v in sampling.items()},
+            "num_samples": counts.get(metric, num_samples),
+            "seed": seed,
+            **{key: v if metric == "nll_bpd" else None for key, v in nll_setup.items()},
+            "dataset": dataset,
+            "split": split,
+        }
+        for metric, value in results.items()
+    ]
+
+
 def merge_eval_results(path: str | Path, entries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Write `entries` into the eval_results.json at `path`, replacing earlier entries with the same
-    (metric, sampler, num_inference_steps, dataset, split); returns the file's new list of results."""
+    (metric, sampler, num_inference_steps, clip_denoised, dataset, split); returns the file's new list of results."""
     path = Path(path)
     old = json.loads(path.read_text()).get("results", []) if path.is_file() else []
     new_keys = {tuple(entry[k] for k in _RESULT_KEY) for entry in entries}
@@ -381,15 +443,6 @@ def merge_eval_results(path: str | Path, entries: Sequence[Mapping[str, Any]]) -
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, {"results": merged})
     return merged
-
-
-def _update_model_card(folder: Path) -> None:
-    """Re-render folder/README.md from its JSON files, unless a person edited it."""
-    readme = folder / "README.md"
-    if readme.is_file() and card_was_edited(readme.read_text(encoding="utf-8")):
-        logger.warning("kept %s: it was edited by hand (the new results are in %s)", readme, RESULTS_FILE)
-        return
-    write_model_card(folder)
 
 
 def _sample_size(sample_size: int | Sequence[int]) -> int:
@@ -404,7 +457,8 @@ def evaluate(
     sampler: str | None = None,
     num_inference_steps: int | None = None,
     seed: int = 0,
-    batch_size: int = 64,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    nll_clip_denoised: bool = True,
     samples_path: str | Path | None = None,
     dataset_name: str | None = None,
     dataset_config_name: str | None = None,
@@ -432,6 +486,8 @@ def evaluate(
         num_samples: images to generate (default 1000), or the first N of `samples_path` (default all); nll
             scores the first `num_samples` reference images.
         sampler, num_inference_steps, seed, batch_size: as `hf_ddpm.sampling.generate` (sampler default "ddpm").
+        nll_clip_denoised: clamp the predicted x_0 to [-1, 1] in every term of the NLL bound (the paper's way,
+            default); recorded as the entry's "clip_denoised".
         samples_path: read samples (a folder of PNGs or an .npz, see `sampling.load_images`) instead of generating.
         dataset_name ... cache_dir: the reference images, as `hf_ddpm.data.load_image_dataset`; when neither
             dataset_name nor train_data_dir is given, those of the run's training_summary.json, else the built-in
@@ -442,7 +498,8 @@ def evaluate(
         accelerator: spread sampling, feature extraction and NLL over its processes.
         output_json: where to merge the results (default MODEL/eval_results.json when MODEL is a local folder;
             nothing is written for a Hub id without output_json). Only the main process writes.
-        update_model_card: re-render MODEL/README.md when the results went to MODEL/eval_results.json.
+        update_model_card: re-render MODEL/README.md when the results went to MODEL/eval_results.json (a card
+            edited by hand is kept, see `write_model_card`).
         feature_extractors: ready extractors by kind ("inception", "dinov2", "digits") instead of the standard ones.
         allow_pickle: let `DDPMPipeline.from_pretrained` load .bin weights (trusted sources only).
     """
@@ -498,38 +555,28 @@ def evaluate(
             pipeline, n, sampler=sampler or "ddpm", num_inference_steps=steps, seed=seed, batch_size=batch_size,
             accelerator=accelerator, progress=_is_main(accelerator),
         )  # fmt: skip
-    dataset_label = dataset_args["train_data_dir"] or dataset_args["dataset_name"] or BUILTIN_DIGITS
-    split_label = f"{split}[-{heldout_last}:]" if heldout_last else split
+    dataset = dataset_label(dataset_args["dataset_name"], dataset_args["train_data_dir"])
+    rows_label = split_label(split, last=heldout_last)
     results = _compute(
         metrics, samples=samples, reference=reference, rows=rows, pipeline=pipeline, extractors=extractors,
         num_samples=n, batch_size=batch_size, seed=seed,
         stats_cache_dir=stats_cache_dir if stats_cache_dir is not None else M.DEFAULT_STATS_CACHE,
-        labels={"dataset": dataset_label, "config": dataset_args["dataset_config_name"], "split": split_label},
-        accelerator=accelerator,
+        labels={"dataset": dataset, "config": dataset_args["dataset_config_name"], "split": rows_label},
+        accelerator=accelerator, nll_clip_denoised=nll_clip_denoised,
     )  # fmt: skip
 
     if output_json is None and folder is not None:
         output_json = folder / RESULTS_FILE
     if output_json is not None and _is_main(accelerator):
-        # Sample metrics record how the samples were made; nll and the real-halves floor use reference images only.
-        counts = {"nll_bpd": min(n, len(rows)), "digits_fd_real_halves": len(rows)}
-        setup = (sampler, num_inference_steps) if samples_path else (sampler or "ddpm", steps)
-        entries = [
-            {
-                "metric": metric,
-                "value": value,
-                "sampler": None if metric in counts else setup[0],
-                "num_inference_steps": None if metric in counts else setup[1],
-                "num_samples": counts.get(metric, n),
-                "dataset": dataset_label,
-                "split": split_label,
-            }
-            for metric, value in results.items()
-        ]
+        setup = (sampler or "ddpm", steps) if generating else (sampler, num_inference_steps)
+        entries = result_entries(
+            results, sampler=setup[0], num_inference_steps=setup[1], num_samples=n, num_reference=len(rows),
+            seed=seed, batch_size=batch_size, nll_clip_denoised=nll_clip_denoised, dataset=dataset, split=rows_label,
+        )  # fmt: skip
         merge_eval_results(output_json, entries)
         card_reads_it = folder is not None and Path(output_json).resolve() == (folder / RESULTS_FILE).resolve()
         if update_model_card and card_reads_it:
-            _update_model_card(folder)
+            write_model_card(folder)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return results

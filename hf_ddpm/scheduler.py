@@ -479,7 +479,7 @@ class DDPMScheduler(diffusers.DDPMScheduler):
         """Per-sample training loss (B,) for the model output at x_t = q_sample(x0, t, noise).
 
             loss = loss_weights(t) * mean_{C,H,W} (output[:, :C] - training_target(x0, noise, t))^2
-                   [+ vlb_lambda * T * vlb_terms(output with its mean half detached, x0, x_t, t)]
+                   [+ vlb_lambda * T * vlb_terms(output, mean half detached, x0, x_t, t, clip_denoised=False)]
 
         The bracketed term is added for variance_type "learned_range" (2C output channels): it is
         improved-diffusion's L_hybrid = L_simple + lambda * L_vlb (Nichol & Dhariwal 2021, lambda = 0.001),
@@ -499,7 +499,8 @@ class DDPMScheduler(diffusers.DDPMScheduler):
         loss = self.loss_weights(t, loss_weighting, snr_gamma).to(mse) * mse
         if var_output is not None:
             frozen_output = torch.cat([mean_output.detach(), var_output], dim=1)
-            vlb = self.vlb_terms(frozen_output, x0, self.q_sample(x0, t, noise), t)
+            # the training term stays unclipped, as in improved-diffusion's training_losses
+            vlb = self.vlb_terms(frozen_output, x0, self.q_sample(x0, t, noise), t, clip_denoised=False)
             loss = loss + vlb_lambda * self.config.num_train_timesteps * vlb
         return loss
 
@@ -524,16 +525,18 @@ class DDPMScheduler(diffusers.DDPMScheduler):
         return torch.where(t.to(kl.device) == 0, decoder_nll, kl), out
 
     def vlb_terms(
-        self, model_output: Tensor, x0: Tensor, xt: Tensor, t: Tensor, clip_denoised: bool = False
+        self, model_output: Tensor, x0: Tensor, xt: Tensor, t: Tensor, clip_denoised: bool = True
     ) -> Tensor:
         """Per-sample terms (B,) of the variational bound, in bits per dimension (mean over C, H, W / log 2):
 
             t > 0:  L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t))       (Ho et al. eq. 5)
             t = 0:  L_0 = -log p(x_0 | x_1), the discretised Gaussian decoder     (Ho et al. eq. 13)
 
-        x0 must be 8-bit data in [-1, 1] for L_0 to be a likelihood. clip_denoised: see `p_mean_variance`;
-        any p is a valid decoder, so the clipped bound is still a bound. Computed and returned in float32 or
-        wider.
+        x0 must be 8-bit data in [-1, 1] for L_0 to be a likelihood. clip_denoised (default, as the DDPM
+        paper's code and improved-diffusion evaluate the bound): p's mean is formed from pred_x0 clamped to
+        +-config.clip_sample_range, see `p_mean_variance`; False uses the raw prediction. Either p is a valid
+        reverse process, so both are bounds, but only bounds with the same setting are comparable. Computed and
+        returned in float32 or wider.
         """
         return self._vlb_terms_and_prediction(model_output, x0, xt, t, clip_denoised)[0]
 
@@ -555,7 +558,7 @@ class DDPMScheduler(diffusers.DDPMScheduler):
         generator: torch.Generator | None = None,
         timestep_batch: int | None = None,
         progress: bool = False,
-        clip_denoised: bool = False,
+        clip_denoised: bool = True,
     ) -> dict[str, Tensor]:
         """Evaluate every term of the variational bound on x0 (B, C, H, W), 8-bit images scaled to [-1, 1].
 
@@ -563,8 +566,10 @@ class DDPMScheduler(diffusers.DDPMScheduler):
         tensor (e.g. `lambda x, t: unet(x, t).sample`; 2C channels for learned_range). t runs from T-1 down
         to 0 and eps is drawn in that order (one (B, C, H, W) draw per t from `generator`), so the result
         does not depend on `timestep_batch`: that many timesteps are evaluated in one model call of batch
-        size timestep_batch * B (x0 repeated; default 1). clip_denoised: see `p_mean_variance` (the DDPM
-        paper evaluates without, improved-diffusion with). Runs under torch.no_grad().
+        size timestep_batch * B (x0 repeated; default 1). clip_denoised: clamp pred_x0 to
+        +-config.clip_sample_range before the posterior mean is formed, in every term (see `vlb_terms`); the
+        default True is how the DDPM paper's code and improved-diffusion's image_nll.py report NLL, False gives
+        the bound of the unclipped network. Runs under torch.no_grad().
 
         Returns (float32, or float64 for float64 x0):
             "vb" (B, T): vlb_terms at each t, bits/dim; "prior_bpd" (B,): L_T;
@@ -607,5 +612,5 @@ class DDPMScheduler(diffusers.DDPMScheduler):
         self, model_fn: Callable[[Tensor, Tensor], Tensor], x0: Tensor, **kwargs: Any
     ) -> Tensor:
         """Per-sample negative ELBO in bits/dim (B,), an upper bound on -log2 p(x0) / D: `calc_bpd_loop`'s
-        "total_bpd" (kwargs are passed to it)."""
+        "total_bpd". kwargs (generator, timestep_batch, progress, clip_denoised) are passed to it."""
         return self.calc_bpd_loop(model_fn, x0, **kwargs)["total_bpd"]

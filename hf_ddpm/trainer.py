@@ -419,21 +419,19 @@ class Trainer:
             writer.add_images("samples", images, step, dataformats="NCHW")
 
     def _evaluate(self, step: int) -> None:
-        """--eval_every: the metric on a few fast samples, logged; the EMA pipeline goes to best/ when it improves."""
-        from hf_ddpm.evaluation import evaluate_pipeline
+        """--eval_every: the metric on a few fast samples, logged; the EMA pipeline goes to best/ when it improves,
+        with its results in best/eval_results.json (the schema scripts/evaluate.py writes) and on best/README.md."""
+        from hf_ddpm import evaluation
+        from hf_ddpm.model_card import write_model_card
 
         args = self.args
         pipe = self._sampling_pipeline()
-        values = evaluate_pipeline(
-            pipe,
-            args.eval_metric,
-            num_samples=args.eval_num_samples,
-            sampler=args.preview_sampler,
-            num_inference_steps=args.preview_steps,
-            seed=args.seed,
-            reference=self.data,
-            accelerator=self.accelerator,
-        )
+        setup = {"sampler": args.preview_sampler, "num_inference_steps": args.preview_steps, "seed": args.seed,
+                 "batch_size": evaluation.DEFAULT_BATCH_SIZE, "nll_clip_denoised": True}  # fmt: skip
+        values = evaluation.evaluate_pipeline(
+            pipe, args.eval_metric, num_samples=args.eval_num_samples, reference=self.data,
+            accelerator=self.accelerator, **setup,
+        )  # fmt: skip
         self.accelerator.log({f"eval/{k}": v for k, v in values.items()}, step=step)
         key, higher_is_better = EVAL_SCORE[args.eval_metric]
         score = values[key]
@@ -442,10 +440,18 @@ class Trainer:
         if improved:
             self.best_score = score
             if self.accelerator.is_main_process:
-                checkpointing.export_pipeline(pipe, self.output_dir / BEST_DIR)
-                checkpointing.write_json(
-                    self.output_dir / BEST_DIR / "best_eval.json", {"global_step": step, "metric": key, **values}
-                )
+                best = self.output_dir / BEST_DIR
+                (best / evaluation.RESULTS_FILE).unlink(missing_ok=True)  # earlier results were of earlier weights
+                checkpointing.export_pipeline(pipe, best)
+                checkpointing.write_json(best / "best_eval.json", {"global_step": step, "metric": key, **values})
+                # The reference is the training set as loaded: its first --max_train_samples rows, if set.
+                entries = evaluation.result_entries(
+                    values, **setup, num_samples=args.eval_num_samples, num_reference=len(self.data),
+                    dataset=evaluation.dataset_label(args.dataset_name, args.train_data_dir),
+                    split=evaluation.split_label(args.split, first=args.max_train_samples),
+                )  # fmt: skip
+                evaluation.merge_eval_results(best / evaluation.RESULTS_FILE, entries)
+                write_model_card(best)
             self.accelerator.wait_for_everyone()
 
     def _export(self, step: int, wall_time: float, loss_avg: float | None, final_samples: bool = False) -> dict:

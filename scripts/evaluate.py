@@ -1,16 +1,17 @@
 #!/usr/bin/env python
 """Evaluate a trained DDPM: FID, KID, Inception Score, FD_DINOv2, the offline digits metric, NLL in bits/dim.
 
-    python scripts/evaluate.py output --metrics digits,nll --num_samples 1000 --sampler dpmsolver++
+    python scripts/evaluate.py output --metrics digits,nll --num_images 1000 --sampler dpmsolver++
     python scripts/evaluate.py output --metrics nll --heldout_last 297          # digits trained on the first 1500
     python scripts/evaluate.py cifar-run --metrics fid,kid,inception_score --dataset_name cifar10 --split train \\
-        --num_samples 50000 --sampler ddim --num_inference_steps 100 --inception_weights weights-inception.pth
+        --num_images 50000 --sampler ddim --num_inference_steps 100 --inception_weights weights-inception.pth
     python scripts/evaluate.py output --metrics fid --samples samples.npz      # score samples made elsewhere
-    accelerate launch --num_processes 4 scripts/evaluate.py output --metrics fid,fd_dinov2 --num_samples 50000
+    accelerate launch --num_processes 4 scripts/evaluate.py output --metrics fid,fd_dinov2 --num_images 50000
 
-Results are merged into MODEL/eval_results.json (or --output) and MODEL's model card is re-rendered; every
-process computes the same numbers, the main process writes and prints them. Metric details, caching and the
-held-out options: hf_ddpm/evaluation.py.
+Results are merged into MODEL/eval_results.json (or --output), each with the sampler, steps, number of images,
+seed (and for NLL batch size and x_0 clipping) that reproduce it, and MODEL's model card is re-rendered unless it
+was edited by hand; every process computes the same numbers, the main process writes and prints them. Metric
+details, caching and the held-out options: hf_ddpm/evaluation.py.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from accelerate import Accelerator
 from diffusers.utils import logging as diffusers_logging
 
 from hf_ddpm.cli import run_cli
-from hf_ddpm.evaluation import METRICS, evaluate
+from hf_ddpm.evaluation import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES, METRICS, evaluate
 from hf_ddpm.feature_extractors import DINOV2_DEFAULT, INCEPTION_WEIGHTS_FILE
 from hf_ddpm.sampling import SAMPLERS
 
@@ -32,11 +33,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="pipeline folder (e.g. a training output) or Hub repo id")
     parser.add_argument("--metrics", default="digits", help=f"comma-separated, from {', '.join(METRICS)}")
-    parser.add_argument("--num_samples", type=int, default=None, help="samples to generate (default 1000) or read")
+    parser.add_argument(
+        "--num_images", "--num_samples", type=int, default=None,
+        help=f"images to generate (default {DEFAULT_NUM_SAMPLES}) or read from --samples (default all); nll scores the "
+        "first N reference images (--num_samples is the old name)",
+    )  # fmt: skip
     parser.add_argument("--sampler", default=None, help=f"one of {', '.join(SAMPLERS)} (default: ddpm)")
     parser.add_argument("--num_inference_steps", type=int, default=None, help="default: the sampler's")
     parser.add_argument("--seed", type=int, default=0, help="sample i is seeded from (seed, i); also NLL noise")
-    parser.add_argument("--batch_size", type=int, default=64, help="images per network call on each process")
+    parser.add_argument(
+        "--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="images per network call on each process"
+    )
+    parser.add_argument(
+        "--no_nll_clip_denoised", dest="nll_clip_denoised", action="store_false",
+        help="nll: the bound of the raw x_0 prediction (default: clamped to [-1, 1] in every term, as the DDPM paper "
+        "and improved-diffusion report NLL)",
+    )  # fmt: skip
     parser.add_argument("--samples", default=None, help="score these samples (PNG folder or .npz) instead")
     data = parser.add_argument_group("reference images (default: the run's training data, else builtin:digits)")
     data.add_argument("--dataset_name", default=None, help="Hub id, local dataset folder or builtin:digits")
@@ -68,11 +80,12 @@ def main(argv: list[str] | None = None) -> None:
     results = evaluate(
         args.model,
         metrics=[m.strip() for m in args.metrics.split(",") if m.strip()],
-        num_samples=args.num_samples,
+        num_samples=args.num_images,
         sampler=args.sampler,
         num_inference_steps=args.num_inference_steps,
         seed=args.seed,
         batch_size=args.batch_size,
+        nll_clip_denoised=args.nll_clip_denoised,
         samples_path=args.samples,
         dataset_name=args.dataset_name,
         dataset_config_name=args.dataset_config_name,

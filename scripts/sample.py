@@ -27,7 +27,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="pipeline folder (e.g. a training output) or Hub repo id")
-    parser.add_argument("--num_images", type=int, default=64)
+    parser.add_argument("--num_images", type=int, default=64, help="images to generate")
     parser.add_argument("--sampler", default="ddpm", help=f"one of {', '.join(SAMPLERS)} (default: ddpm)")
     parser.add_argument(
         "--num_inference_steps", type=int, default=None, help="default: 1000 ddpm, 50 ddim/euler_a, 20 others"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import shutil
 import subprocess
 from pathlib import Path
@@ -25,7 +26,8 @@ from hf_ddpm.presets import build_unet
 from hf_ddpm.sampling import image_generators
 from hf_ddpm.scheduler import DDPMScheduler
 
-ENTRY_KEYS = {"metric", "value", "sampler", "num_inference_steps", "num_samples", "dataset", "split"}
+ENTRY_KEYS = {"metric", "value", "sampler", "num_inference_steps", "num_samples", "seed", "batch_size", "clip_denoised",
+              "dataset", "split"}  # fmt: skip
 
 
 class TinyFeatures(FeatureExtractor):
@@ -75,10 +77,12 @@ def model_dir(saved_model, tmp_path) -> Path:
     return Path(shutil.copytree(saved_model, tmp_path / "model"))
 
 
-def test_nll_through_the_evaluation_path_equals_the_summed_vlb_terms(saved_model):
+@pytest.mark.parametrize("clip_denoised", [True, False])
+def test_nll_through_the_evaluation_path_equals_the_summed_vlb_terms(saved_model, clip_denoised):
     pipeline = DDPMPipeline.from_pretrained(saved_model)
     images = torch.from_numpy(digits_images(8))[:6]
-    got = evaluation.nll_bits_per_dim(pipeline, images, batch_size=4, seed=3)  # batches of 4 and 2 images
+    # batches of 4 and 2 images
+    got = evaluation.nll_bits_per_dim(pipeline, images, batch_size=4, seed=3, clip_denoised=clip_denoised)
 
     scheduler, unet = pipeline.scheduler, pipeline.unet
     expected = []
@@ -91,9 +95,12 @@ def test_nll_through_the_evaluation_path_equals_the_summed_vlb_terms(saved_model
             timesteps = torch.full((len(rows),), t)
             xt = scheduler.q_sample(x0, timesteps, noise)
             with torch.no_grad():
-                total = total + scheduler.vlb_terms(unet(xt, timesteps).sample, x0, xt, timesteps)  # L_{t-1}
+                output = unet(xt, timesteps).sample
+                total = total + scheduler.vlb_terms(output, x0, xt, timesteps, clip_denoised=clip_denoised)
         expected.append(total)
     torch.testing.assert_close(got, torch.cat(expected), rtol=1e-5, atol=1e-5)
+    if clip_denoised:  # the default is the paper's clipped bound
+        torch.testing.assert_close(evaluation.nll_bits_per_dim(pipeline, images, batch_size=4, seed=3), got)
 
 
 def test_evaluate_end_to_end_writes_the_agreed_schema(model_dir, tmp_path):
@@ -113,8 +120,10 @@ def test_evaluate_end_to_end_writes_the_agreed_schema(model_dir, tmp_path):
     assert set(entries) == {"fid", "kid", "inception_score", "fd_dinov2", "nll_bpd"}
     assert all(set(entry) == ENTRY_KEYS for entry in entries.values())
     assert entries["fid"] == {"metric": "fid", "value": results["fid"], "sampler": "ddim", "num_inference_steps": 2,
-                              "num_samples": 24, "dataset": "builtin:digits", "split": "train[-60:]"}  # fmt: skip
+                              "num_samples": 24, "seed": 0, "batch_size": None, "clip_denoised": None,
+                              "dataset": "builtin:digits", "split": "train[-60:]"}  # fmt: skip
     assert entries["nll_bpd"]["sampler"] is None and entries["nll_bpd"]["num_samples"] == 24
+    assert entries["nll_bpd"]["clip_denoised"] is True and entries["nll_bpd"]["batch_size"] == 12
     assert "FID" in (model_dir / "README.md").read_text()
     cached = sorted(p.name for p in (tmp_path / "stats").iterdir())
     assert len(cached) == 2 and cached[0].startswith("dinov2-") and cached[1].startswith("tiny-inception-")
@@ -124,6 +133,46 @@ def test_evaluate_end_to_end_writes_the_agreed_schema(model_dir, tmp_path):
     assert again["fid"] == pytest.approx(results["fid"], rel=1e-9)
     report = json.loads((model_dir / "eval_results.json").read_text())["results"]
     assert [e["metric"] for e in report].count("fid") == 1 and len(report) == 5
+
+
+def test_cli_takes_num_images_or_num_samples_and_records_nll_clipping(model_dir):
+    main = runpy.run_path(str(REPO_ROOT / "scripts" / "evaluate.py"))["main"]
+    common = [str(model_dir), "--metrics", "nll", "--batch_size", "4", "--seed", "1"]
+    main([*common, "--num_images", "4"])
+    main([*common, "--num_samples", "4", "--no_nll_clip_denoised"])  # the old name still works
+    entries = json.loads((model_dir / "eval_results.json").read_text())["results"]
+    assert [(e["clip_denoised"], e["num_samples"], e["seed"], e["batch_size"]) for e in entries] == [
+        (True, 4, 1, 4), (False, 4, 1, 4)]  # fmt: skip
+    assert entries[0]["value"] != entries[1]["value"]  # an untrained model predicts x_0 outside [-1, 1]
+    card = (model_dir / "README.md").read_text()
+    assert "| NLL (bits/dim), clipped x_0 |" in card and "| NLL (bits/dim), unclipped x_0 |" in card
+    assert "--num_images 4 --seed 1 --batch_size 4 --no_nll_clip_denoised" in card
+
+
+def test_eval_every_best_export_carries_its_results_and_card(tmp_path):
+    from hf_ddpm.trainer import Trainer
+    from hf_ddpm.training_args import parse_training_args
+
+    out = tmp_path / "out"
+    trainer = Trainer(parse_training_args([
+        "--preset", "tiny-8", "--output_dir", str(out), "--max_train_samples", "160", "--report_to", "none",
+        "--eval_every", "2", "--eval_metric", "digits", "--eval_num_samples", "70", "--preview_sampler", "ddim",
+        "--preview_steps", "2", "--seed", "5",
+    ]))  # fmt: skip
+    trainer._evaluate(2)
+    best = json.loads((out / "best" / "best_eval.json").read_text())
+    entries = {e["metric"]: e for e in json.loads((out / "best" / "eval_results.json").read_text())["results"]}
+    assert all(set(entry) == ENTRY_KEYS for entry in entries.values())
+    assert {metric: entry["value"] for metric, entry in entries.items()} == {k: best[k] for k in entries}
+    assert entries["digits_fd"] == {
+        "metric": "digits_fd", "value": best["digits_fd"], "sampler": "ddim", "num_inference_steps": 2,
+        "num_samples": 70, "seed": 5, "batch_size": None, "clip_denoised": None, "dataset": "builtin:digits",
+        "split": "train[:160]",
+    }  # fmt: skip
+    assert entries["digits_fd_real_halves"]["num_samples"] == 160
+    card = (out / "best" / "README.md").read_text()
+    assert f"| FD (digit classifier features) | {best['digits_fd']:.4g} | ddim | 2 | 70 | 5 |" in card
+    assert "--metrics digits --sampler ddim --num_inference_steps 2 --num_images 70 --seed 5" in card
 
 
 def test_digits_metric_from_saved_samples(model_dir, tmp_path):
@@ -171,7 +220,7 @@ def test_bad_inputs_give_one_line_errors(model_dir, tmp_path, monkeypatch):
 def test_cli_reports_missing_weights_in_one_line(model_dir, tmp_path):
     result = subprocess.run(
         [PYTHON, str(REPO_ROOT / "scripts" / "evaluate.py"), str(model_dir), "--metrics", "fid"],
-        env={**os.environ, "TORCH_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"},
+        env={**os.environ, "TORCH_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)},
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 1
@@ -213,7 +262,8 @@ def test_two_process_gather_equals_one_process(saved_model, tmp_path):
     result = tmp_path / "two.pt"
     worker.write_text(WORKER.format(tests=str(Path(__file__).parent), model=str(saved_model),
                                     stats=str(tmp_path / "stats2"), result=str(result)))  # fmt: skip
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO_ROOT)}  # both sides run this checkout's hf_ddpm, not another installed copy
     cmd = [str(Path(PYTHON).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
            str(worker)]  # fmt: skip

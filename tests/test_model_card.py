@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
+import runpy
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import REPO_ROOT
 from huggingface_hub import ModelCard, metadata_load
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
@@ -42,13 +46,16 @@ RESULTS = {
     "num_train_images": 60000,
     "dataset": "ylecun/mnist",
 }
+NO_NLL = {"batch_size": None, "clip_denoised": None}
 EVALUATIONS = [
     {"metric": "fid", "value": 12.3456, "sampler": "ddpm", "num_inference_steps": 1000, "num_samples": 10000,
-     "dataset": "ylecun/mnist", "split": "test"},
+     "seed": 0, **NO_NLL, "dataset": "ylecun/mnist", "split": "test"},
     {"metric": "fid", "value": 14.1, "sampler": "dpmsolver++", "num_inference_steps": 20, "num_samples": 10000,
-     "dataset": "ylecun/mnist", "split": "test"},
-    {"metric": "nll_bpd", "value": 1.23, "sampler": None, "num_inference_steps": None, "num_samples": None,
-     "dataset": "ylecun/mnist", "split": "test"},
+     "seed": 0, **NO_NLL, "dataset": "ylecun/mnist", "split": "test"},
+    {"metric": "nll_bpd", "value": 1.23, "sampler": None, "num_inference_steps": None, "num_samples": 500,
+     "seed": 3, "batch_size": 32, "clip_denoised": True, "dataset": "ylecun/mnist", "split": "test"},
+    {"metric": "nll_bpd", "value": 1.31, "sampler": None, "num_inference_steps": None, "num_samples": 500,
+     "seed": 3, "batch_size": 32, "clip_denoised": False, "dataset": "ylecun/mnist", "split": "test"},
 ]  # fmt: skip
 
 
@@ -86,9 +93,12 @@ def test_card_metadata_parses_with_huggingface_hub_and_round_trips_the_metrics(t
     assert [(r.metric_type, r.metric_value, r.dataset_type, r.dataset_split) for r in results] == [
         (e["metric"], e["value"], e["dataset"], e["split"]) for e in EVALUATIONS
     ]
-    assert results[1].metric_args == {"sampler": "dpmsolver++", "num_inference_steps": 20, "num_samples": 10000}
+    assert results[1].metric_args == {"sampler": "dpmsolver++", "num_inference_steps": 20, "num_samples": 10000,
+                                      "seed": 0}  # fmt: skip
     assert results[1].metric_name == "FID (dpmsolver++, 20 steps, 10000 samples)"
-    assert results[2].metric_args is None
+    assert results[2].metric_args == {"num_samples": 500, "seed": 3, "batch_size": 32, "clip_denoised": True}
+    assert results[2].metric_name == "NLL (bits/dim), clipped x_0 (500 samples)"
+    assert results[3].metric_name == "NLL (bits/dim), unclipped x_0 (500 samples)"
     assert {r.task_type for r in results} == {"unconditional-image-generation"}
     assert [r.metric_value for r in card.data.eval_results] == [e["value"] for e in EVALUATIONS]
 
@@ -117,12 +127,56 @@ def test_card_body_has_samples_usage_training_and_evaluation(tmp_path: Path) -> 
         "| Hardware | 4x NVIDIA A100 |",
         "| Wall time | 1h 02m 05s |",
         "| Throughput | 68.8 images/s |",
-        "| FID | 12.35 | ddpm | 1000 | 10,000 | ylecun/mnist / test |",
-        "| NLL (bits/dim) | 1.23 | – | – | – | ylecun/mnist / test |",
+        "| FID | 12.35 | ddpm | 1000 | 10,000 | 0 | ylecun/mnist / test |",
+        "| NLL (bits/dim), clipped x_0 | 1.23 | – | – | 500 | 3 | ylecun/mnist / test |",
+        "| NLL (bits/dim), unclipped x_0 | 1.31 | – | – | 500 | 3 | ylecun/mnist / test |",
     ]:
         assert row in text, row
     assert "16×16 grayscale images" in text
     assert "Not evaluated yet." not in text
+
+
+def test_card_shows_the_evaluate_command_that_measures_each_figure_again(tmp_path: Path) -> None:
+    heldout = {"metric": "digits_fd", "value": 30.5, "sampler": "ddim", "num_inference_steps": 50, "num_samples": 256,
+               "seed": 7, **NO_NLL, "dataset": "builtin:digits", "split": "train[-297:]"}  # fmt: skip
+    evaluations = [*EVALUATIONS, heldout]
+    text = str(render_model_card(make_output(tmp_path / "out", evaluations=evaluations), repo_id=REPO))
+
+    commands = re.findall(r"^python scripts/evaluate\.py .*$", text, flags=re.MULTILINE)
+    assert len(commands) == len(evaluations)
+    parse_args = runpy.run_path(str(REPO_ROOT / "scripts" / "evaluate.py"))["parse_args"]
+    for entry, command in zip(evaluations, commands, strict=True):
+        args = parse_args(shlex.split(command)[2:])
+        assert args.model == REPO
+        assert (args.sampler, args.num_inference_steps, args.num_images, args.seed) == (
+            entry["sampler"], entry["num_inference_steps"], entry["num_samples"], entry["seed"])  # fmt: skip
+        if entry["metric"] == "nll_bpd":
+            assert (args.metrics, args.batch_size, args.nll_clip_denoised) == ("nll", 32, entry["clip_denoised"])
+        split = f"{args.split}[-{args.heldout_last}:]" if args.heldout_last else args.split
+        assert split == entry["split"]
+        # the run's own training data is evaluate.py's default reference; another dataset is named
+        assert args.dataset_name == (None if entry["dataset"] == "ylecun/mnist" else entry["dataset"])
+    assert parse_args(shlex.split(commands[-1])[2:]).metrics == "digits"
+
+
+def test_sampler_quality_claims_come_only_from_eval_results(tmp_path: Path) -> None:
+    unmeasured = str(render_model_card(make_output(tmp_path / "a", evaluations=EVALUATIONS[:1])))
+    measured = str(render_model_card(make_output(tmp_path / "b", evaluations=EVALUATIONS)))
+    for text in (unmeasured, measured):
+        assert "similar quality" not in text
+    assert "DPM-Solver++ instead of 1000 ancestral steps (its sample quality on this model has not been measured)" in (
+        unmeasured)  # fmt: skip
+    assert ("(measured here with hf_ddpm's `dpmsolver++` sampler at 20 steps: FID 14.1, against 12.35 with `ddpm` at "
+            "1000 steps)") in measured  # fmt: skip
+
+
+def test_entries_without_seed_or_clipping_say_so(tmp_path: Path) -> None:
+    old = [{"metric": "nll_bpd", "value": 1.5, "sampler": None, "num_inference_steps": None, "num_samples": 100,
+            "dataset": "ylecun/mnist", "split": "test"}]  # fmt: skip
+    text = str(render_model_card(make_output(tmp_path / "out", evaluations=old)))
+    assert "| NLL (bits/dim), x_0 clipping not recorded | 1.5 | – | – | 100 | – | ylecun/mnist / test |" in text
+    assert "python scripts/evaluate.py" not in text
+    assert "Not reproducible from this card (" in text and "): NLL (bits/dim), x_0 clipping not recorded." in text
 
 
 def test_card_never_contains_a_token(tmp_path: Path) -> None:
@@ -179,6 +233,23 @@ def test_card_was_edited_tells_generated_cards_from_edited_ones(
 ) -> None:
     path = write_model_card(make_output(tmp_path / "out"), repo_id=REPO)
     assert card_was_edited(edit(path.read_text(encoding="utf-8"))) is edited
+
+
+def test_write_model_card_keeps_a_hand_edited_card_unless_told_to_overwrite(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = make_output(tmp_path / "out", evaluations=EVALUATIONS[:1])
+    path = write_model_card(out, repo_id=REPO)
+    path.write_text(path.read_text(encoding="utf-8").replace("## Usage", "## How to use"), encoding="utf-8")
+    edited = path.read_text(encoding="utf-8")
+    (out / "eval_results.json").write_text(json.dumps({"results": EVALUATIONS}))
+
+    with caplog.at_level(logging.WARNING, logger="hf_ddpm.model_card"):
+        assert write_model_card(out, repo_id=REPO) == path
+    assert path.read_text(encoding="utf-8") == edited
+    assert f"kept {path}: it was edited by hand" in caplog.text
+    write_model_card(out, repo_id=REPO, overwrite=True)
+    assert "## Usage" in path.read_text(encoding="utf-8") and "unclipped x_0" in path.read_text(encoding="utf-8")
 
 
 def test_template_is_found_in_the_checkout() -> None:

@@ -438,7 +438,7 @@ def test_hybrid_loss_trains_the_variance_only_through_the_vlb():
     output.requires_grad_(True)
     loss = scheduler.training_loss(output, x0_, eps_, t_, vlb_lambda=0.01)
     mse = ((output[:, :3] - eps_) ** 2).mean(dim=(1, 2, 3))
-    torch.testing.assert_close(loss, mse + 0.01 * T * scheduler.vlb_terms(output, x0_, xt_, t_))
+    torch.testing.assert_close(loss, mse + 0.01 * T * scheduler.vlb_terms(output, x0_, xt_, t_, clip_denoised=False))
     (grad,) = torch.autograd.grad(loss.sum(), output)
     torch.testing.assert_close(grad[:, :3], 2 * (output[:, :3] - eps_).detach() / (3 * 4 * 4))
     assert (grad[:, 3:].abs().sum(dim=(1, 2, 3)) > 0).all()
@@ -454,7 +454,7 @@ def test_decoder_term_is_the_discretised_gaussian_nll():
     t = np.zeros(4, dtype=np.int64)
     xt = np.sqrt(ALPHAS_CUMPROD[0]) * x0 + np.sqrt(1.0 - ALPHAS_CUMPROD[0]) * eps
     eps_hat = eps + 0.02 * np.random.default_rng(10).standard_normal(eps.shape)
-    terms = short_scheduler().vlb_terms(*tensors(eps_hat, x0, xt), torch.from_numpy(t)).numpy()
+    terms = short_scheduler().vlb_terms(*tensors(eps_hat, x0, xt), torch.from_numpy(t), clip_denoised=False).numpy()
     # p(x_0 | x_1): mean = pred_x0 (the posterior mean at t = 0), standard deviation sqrt(beta~_1).
     mean = (xt - np.sqrt(1.0 - ALPHAS_CUMPROD[0]) * eps_hat) / np.sqrt(ALPHAS_CUMPROD[0])
     dist = stats.norm(mean, np.sqrt(POSTERIOR_VARIANCE[1]))
@@ -499,6 +499,41 @@ def test_bpd_loop_decomposes_and_does_not_depend_on_the_timestep_batch():
         model_fn, x0, generator=torch.Generator().manual_seed(0), timestep_batch=7
     )
     torch.testing.assert_close(nll, results[0]["total_bpd"], rtol=1e-6, atol=1e-6)
+
+
+def test_bound_clamps_pred_x0_in_every_term_by_default_and_matches_the_closed_form():
+    # x0 near the edges, predicted as +-1.02 (x0-prediction): clamped to +-1, or not. With fixed_small, every KL
+    # term is c_t^2 (x0 - x0_hat)^2 / (2 beta~_t) whatever the noise, and L_0 a bin of N(x0_hat, beta~_1).
+    levels = np.array([[255, 250, 252, 253], [0, 3, 5, 1]])  # top row near +1, bottom row near -1
+    x0 = np.stack([np.tile(levels, (2, 1)), np.tile(levels[::-1], (2, 1))])[:, None] * 2.0 / 255.0 - 1.0
+    prediction = 1.02 * np.sign(x0)
+    coef1 = BETAS * np.sqrt(ALPHAS_CUMPROD_PREV) / (1.0 - ALPHAS_CUMPROD)
+    sigma0 = np.sqrt(POSTERIOR_VARIANCE[1])
+
+    def closed_form(x0_hat):
+        kl = sum(coef1[t] ** 2 * (x0 - x0_hat) ** 2 / (2 * POSTERIOR_VARIANCE[t]) for t in range(1, T))
+        upper = np.where(x0 > 0.999, 1.0, stats.norm.cdf((x0 + 1 / 255 - x0_hat) / sigma0))
+        lower = np.where(x0 < -0.999, 0.0, stats.norm.cdf((x0 - 1 / 255 - x0_hat) / sigma0))
+        ab = ALPHAS_CUMPROD[-1]
+        prior = 0.5 * (-1.0 - np.log(1.0 - ab) + (1.0 - ab) + ab * x0**2)
+        return (kl - np.log(upper - lower) + prior).mean(axis=(1, 2, 3)) / np.log(2)
+
+    scheduler = short_scheduler(prediction_type="sample")
+    x0_ = torch.from_numpy(x0)
+
+    def model_fn(xt, t):
+        return torch.from_numpy(prediction).repeat(len(t) // len(x0), 1, 1, 1)
+
+    def bound(**kwargs):
+        return scheduler.nll_bits_per_dim(model_fn, x0_, generator=torch.Generator().manual_seed(1), **kwargs)
+
+    np.testing.assert_allclose(bound().numpy(), closed_form(np.clip(prediction, -1, 1)), rtol=1e-6)
+    np.testing.assert_allclose(bound(clip_denoised=True, timestep_batch=7).numpy(), bound().numpy(), rtol=1e-9)
+    np.testing.assert_allclose(bound(clip_denoised=False).numpy(), closed_form(prediction), rtol=1e-6)
+    t0 = torch.zeros(2, dtype=torch.long)  # a single decoder term, clamped by hand
+    decoder = scheduler.vlb_terms(torch.from_numpy(prediction), x0_, x0_, t0)
+    clamped = scheduler.vlb_terms(torch.from_numpy(np.clip(prediction, -1, 1)), x0_, x0_, t0, clip_denoised=False)
+    torch.testing.assert_close(decoder, clamped)
 
 
 def test_nll_of_an_oracle_denoiser_is_the_decoder_floor_and_beats_a_zero_model():

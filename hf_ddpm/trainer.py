@@ -260,6 +260,9 @@ class Trainer:
         if args.eval_every and args.eval_metric not in EVAL_SCORE:
             raise TrainingError(f"unknown --eval_metric {args.eval_metric!r}; choose one of {', '.join(EVAL_SCORE)}")
         self.best_score: float | None = None
+        # one entry per --eval_every evaluation: step, training seconds so far (evaluations excluded), values
+        self.eval_history: list[dict[str, float]] = []
+        self.eval_seconds = 0.0
 
     def train(self) -> dict[str, Any]:
         """Run to `max_steps`, checkpointing on the way; then export. Returns training_summary.json's results."""
@@ -269,6 +272,7 @@ class Trainer:
             state = checkpointing.load_checkpoint(accelerator, self.resume)
             global_step, earlier_wall_time = state["global_step"], state["wall_time_s"]
             self.best_score = state.get("best_score")
+            self.eval_history, self.eval_seconds = state.get("eval_history", []), state.get("eval_seconds", 0.0)
             logger.info("resumed from %s at step %d", self.resume, global_step)
         elif args.resume_from_checkpoint == "latest":
             logger.info("no checkpoint in %s yet; starting a fresh run", self.checkpoints_dir)
@@ -329,11 +333,14 @@ class Trainer:
             if args.sample_every and global_step % args.sample_every == 0 and global_step < self.max_steps:
                 self._log_preview(global_step)
             if args.eval_every and global_step % args.eval_every == 0:
-                self._evaluate(global_step)
+                began = time.perf_counter()
+                self._evaluate(global_step, train_seconds=earlier_wall_time + began - start - self.eval_seconds)
+                self.eval_seconds += time.perf_counter() - began
             wall_time = earlier_wall_time + time.perf_counter() - start
             if global_step % args.checkpointing_steps == 0 or global_step == self.max_steps:
                 state = {"global_step": global_step, "micro_step": micro_step, "wall_time_s": wall_time,
-                         "best_score": self.best_score}  # fmt: skip
+                         "best_score": self.best_score, "eval_history": self.eval_history,
+                         "eval_seconds": self.eval_seconds}  # fmt: skip
                 if self.hub and args.push_checkpoints:
                     self.hub.wait()  # the push reads checkpoints/, which saving rotates
                 checkpointing.save_checkpoint(
@@ -418,7 +425,7 @@ class Trainer:
             writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
             writer.add_images("samples", images, step, dataformats="NCHW")
 
-    def _evaluate(self, step: int) -> None:
+    def _evaluate(self, step: int, train_seconds: float) -> None:
         """--eval_every: the metric on a few fast samples, logged; the EMA pipeline goes to best/ when it improves,
         with its results in best/eval_results.json (the schema scripts/evaluate.py writes) and on best/README.md."""
         from hf_ddpm import evaluation
@@ -426,13 +433,15 @@ class Trainer:
 
         args = self.args
         pipe = self._sampling_pipeline()
-        setup = {"sampler": args.preview_sampler, "num_inference_steps": args.preview_steps, "seed": args.seed,
+        steps = args.preview_steps or sampling.default_steps(args.preview_sampler)
+        setup = {"sampler": args.preview_sampler, "num_inference_steps": steps, "seed": args.seed,
                  "batch_size": evaluation.DEFAULT_BATCH_SIZE, "nll_clip_denoised": True}  # fmt: skip
         values = evaluation.evaluate_pipeline(
             pipe, args.eval_metric, num_samples=args.eval_num_samples, reference=self.data,
             accelerator=self.accelerator, **setup,
         )  # fmt: skip
         self.accelerator.log({f"eval/{k}": v for k, v in values.items()}, step=step)
+        self.eval_history.append({"global_step": step, "train_seconds": round(train_seconds, 2), **values})
         key, higher_is_better = EVAL_SCORE[args.eval_metric]
         score = values[key]
         improved = self.best_score is None or (score > self.best_score if higher_is_better else score < self.best_score)
@@ -479,6 +488,8 @@ class Trainer:
             "world_size": self.world,
             "global_batch_size": self.global_batch,
             "wall_time_s": round(wall_time, 1),
+            "eval_seconds": round(self.eval_seconds, 1),
+            "eval_history": self.eval_history,
             "images_per_second": round(step * self.global_batch / max(wall_time, 1e-9), 1),
             "final_loss": loss_avg,
             "hardware": _hardware(accelerator),

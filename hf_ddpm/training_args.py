@@ -21,7 +21,7 @@ from diffusers.optimization import SchedulerType
 from transformers import HfArgumentParser
 
 from hf_ddpm.presets import get_preset, list_presets
-from hf_ddpm.sampling import SAMPLERS
+from hf_ddpm.sampling import RECOMMENDED_SAMPLER, SAMPLERS
 from hf_ddpm.scheduler import LOSS_WEIGHTINGS, PREDICTION_TYPES
 from hf_ddpm.timestep_samplers import TIMESTEP_SAMPLERS
 
@@ -102,14 +102,22 @@ class TrainingArguments:
     logging_steps: int = field(default=10, metadata={"help": "log scalars every N steps"})
     sample_every: int = field(default=500, metadata={"help": "log a sample grid every N steps (0: never)"})
     num_preview_images: int = field(default=16, metadata={"help": "images in each logged grid"})
-    preview_sampler: str = field(default="dpmsolver++", metadata={"help": "sampler for logged grids"})
-    preview_steps: int = field(default=20, metadata={"help": "sampler steps for logged grids"})
+    preview_sampler: str = field(
+        default=RECOMMENDED_SAMPLER, metadata={"help": "sampler for logged grids and --eval_every"}
+    )
+    preview_steps: int | None = field(
+        default=None, metadata={"help": "sampler steps for logged grids and --eval_every (default: the sampler's)"}
+    )
     num_final_images: int = field(default=64, metadata={"help": "images in the final samples.png"})
-    final_sampler: str = field(default="ddpm", metadata={"help": "sampler for samples.png"})
-    final_steps: int | None = field(default=None, metadata={"help": "sampler steps for samples.png"})
+    final_sampler: str = field(
+        default=RECOMMENDED_SAMPLER, metadata={"help": "sampler for samples.png (ddpm: the paper's 1000 steps)"}
+    )
+    final_steps: int | None = field(
+        default=None, metadata={"help": "sampler steps for samples.png (default: the sampler's)"}
+    )
     eval_every: int = field(default=0, metadata={"help": "compute --eval_metric every N steps, keep best/ (0: never)"})
     eval_metric: str = field(default="digits", metadata={"help": "metric for --eval_every (digits, fid, ...)"})
-    eval_num_samples: int = field(default=256, metadata={"help": "samples for --eval_every"})
+    eval_num_samples: int = field(default=512, metadata={"help": "samples for --eval_every"})
     # Checkpoints
     checkpointing_steps: int = field(default=500, metadata={"help": "save a resumable checkpoint every N steps"})
     checkpoints_total_limit: int | None = field(default=3, metadata={"help": "keep at most N checkpoints"})

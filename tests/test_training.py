@@ -332,5 +332,12 @@ def test_eval_every_logs_the_metric_and_keeps_a_best_export(tmp_path):
     events.Reload()
     assert "eval/digits_fd" in events.Tags()["scalars"]
     assert [e.step for e in events.Scalars("eval/digits_fd")] == [2, 4]
+    # the history of every evaluation, with the training time it took to get there (evaluations excluded)
+    results = json.loads((out / "training_summary.json").read_text())["results"]
+    history = results["eval_history"]
+    assert [h["global_step"] for h in history] == [2, 4] and all("digits_fd" in h for h in history)
+    assert 0 < history[0]["train_seconds"] < history[1]["train_seconds"] < results["wall_time_s"]
+    assert results["eval_seconds"] > 0
+    assert history[-1]["train_seconds"] <= results["wall_time_s"] - results["eval_seconds"] + 0.1  # both rounded
     with pytest.raises(TrainingError, match="unknown --eval_metric"):
         run(tmp_path, "--eval_every", "2", "--eval_metric", "accuracy", name="bad")

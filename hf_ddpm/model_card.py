@@ -56,9 +56,12 @@ REFERENCE_ONLY_VALUES = ("nll_bpd", "digits_fd_real_halves")
 # The `--metrics` name of scripts/evaluate.py that measures each value.
 _METRIC_FAMILY = {"nll_bpd": "nll", "digits_confidence": "digits", "digits_class_entropy": "digits",
                   "digits_fd": "digits", "digits_fd_real_halves": "digits"}  # fmt: skip
-# The few-step sampler of the usage snippet and the paper's, as (hf_ddpm sampler name, steps).
-_SNIPPET_SAMPLER = ("dpmsolver++", 20)
+# The paper's sampler, as (hf_ddpm sampler name, steps): the card's first snippet and the reference of its figures.
 _PAPER_SAMPLER = ("ddpm", 1000)
+# The card's few-step snippet is the best-measured sampler that plain diffusers runs within this many UNet calls.
+_FEW_STEPS = 20
+# The metric that decides which few-step sampler the card recommends, best first; lower is better for all.
+_RANKING_METRICS = ("fid", "fd_dinov2", "digits_fd")
 # A heldout_last split label, "train[-297:]".
 _HELDOUT_SPLIT = re.compile(r"^(?P<split>.+)\[-(?P<last>\d+):\]$")
 # A Hub dataset id is "namespace/name"; "builtin:digits", bare names and local paths are not.
@@ -123,7 +126,7 @@ def render_model_card(
         eval_rows=[_eval_row(entry, dataset) for entry in evaluations],
         eval_commands=eval_commands,
         eval_unrecorded=eval_unrecorded,
-        snippet_sampler_quality=_snippet_sampler_quality(evaluations),
+        usage=_usage_snippets(folder, model_id, unet, evaluations),
         config_yaml=yaml.safe_dump(config, sort_keys=False) if config else None,
     )
     body = str(card) + "\n"
@@ -298,8 +301,53 @@ def _evaluate_command(entry: dict[str, Any], model_id: str, dataset: str | None)
     return shlex.join(["python", "scripts/evaluate.py", model_id, *args])
 
 
-def _snippet_sampler_quality(evaluations: list[dict[str, Any]]) -> str:
-    """What eval_results.json says of the usage snippet's few-step sampler, next to the paper's sampler."""
+def _usage_snippets(
+    folder: Path, model_id: str, unet: dict[str, Any], evaluations: list[dict[str, Any]]
+) -> list[dict[str, str]]:
+    """The card's usage blocks, as {"intro", "code"}: the paper's sampler, then the few-step sampler measured best
+    on this model (or hf_ddpm's recommended one), each as code that plain diffusers runs and that draws the
+    images hf_ddpm measured (`hf_ddpm.sampling.usage_snippet`)."""
+    from hf_ddpm import sampling  # torch only when a card is rendered, not when hf_ddpm.hub is imported
+
+    scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
+    blocks = [{
+        "intro": "The paper's sampler, 1000 ancestral steps (Algorithm 2 of Ho et al. 2020):",
+        "code": sampling.usage_snippet(model_id, scheduler, *_PAPER_SAMPLER),
+    }]  # fmt: skip
+    fast = _few_step_sampler(evaluations, unet)
+    if fast is None:
+        command = f"python scripts/sample.py {model_id} --sampler {sampling.RECOMMENDED_SAMPLER}"
+        blocks.append({"intro": "This model's variance is learned (2C outputs): plain diffusers' `DDPMPipeline` "
+                       f"samples it with DDPM only. hf_ddpm's pipeline runs every sampler on it: `{command}`.",
+                       "code": ""})  # fmt: skip
+        return blocks
+    name, steps = fast
+    blocks.append({
+        "intro": f"{sampling.get_sampler(name).description}, {steps} steps instead of 1000 "
+        f"({_sampler_quality(evaluations, fast)}):",
+        "code": sampling.usage_snippet(model_id, scheduler, name, steps),
+    })  # fmt: skip
+    return blocks
+
+
+def _few_step_sampler(evaluations: list[dict[str, Any]], unet: dict[str, Any]) -> tuple[str, int] | None:
+    """(sampler, steps) of the card's few-step snippet; None when plain diffusers runs no few-step sampler."""
+    from hf_ddpm import sampling
+
+    runnable = [name for name in sampling.SAMPLERS if name != "ddpm" and sampling.runs_in_plain_diffusers(name, unet)]
+    if not runnable:
+        return None
+    for metric in _RANKING_METRICS:
+        measured = [e for e in evaluations if e.get("metric") == metric and e.get("sampler") in runnable
+                    and (e.get("num_inference_steps") or 0) <= _FEW_STEPS]  # fmt: skip
+        if measured:
+            best = min(measured, key=lambda e: e["value"])
+            return best["sampler"], best["num_inference_steps"]
+    return sampling.RECOMMENDED_SAMPLER, sampling.default_steps(sampling.RECOMMENDED_SAMPLER)
+
+
+def _sampler_quality(evaluations: list[dict[str, Any]], setup: tuple[str, int]) -> str:
+    """What eval_results.json says of a sampler at some steps, next to the paper's sampler."""
 
     def find(setup: tuple[str, int], like: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         same = ("metric", "dataset", "split") if like else ()
@@ -307,14 +355,14 @@ def _snippet_sampler_quality(evaluations: list[dict[str, Any]]) -> str:
                 and all(e.get(k) == like.get(k) for k in same)]  # fmt: skip
 
     parts = []
-    for entry in find(_SNIPPET_SAMPLER):
+    for entry in find(setup):
         paper = find(_PAPER_SAMPLER, like=entry)
         versus = f", against {_cell(paper[-1]['value'])} with `{_PAPER_SAMPLER[0]}` at {_PAPER_SAMPLER[1]} steps"
         parts.append(f"{_metric_label(entry)} {_cell(entry['value'])}{versus if paper else ''}")
     if not parts:
         return "its sample quality on this model has not been measured"
-    name, steps = _SNIPPET_SAMPLER
-    return f"measured here with hf_ddpm's `{name}` sampler at {steps} steps: {'; '.join(parts)}"
+    name, steps = setup
+    return f"measured here with `{name}` at {steps} steps: {'; '.join(parts)}"
 
 
 def _eval_result(entry: dict[str, Any], dataset: str | None) -> EvalResult:

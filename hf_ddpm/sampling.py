@@ -17,6 +17,7 @@ scheduler used here takes its step noise from the generator list, image by image
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -83,7 +84,7 @@ SAMPLERS: dict[str, Sampler] = {
         20,
         {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "final_sigmas_type": "zero"},
         True,
-        "SDE-DPM-Solver++(2M), stochastic (Lu et al. 2022): the recommended few-step sampler",
+        "SDE-DPM-Solver++(2M), stochastic (Lu et al. 2022)",
     ),
     "unipc": Sampler(
         UniPCMultistepScheduler,
@@ -164,7 +165,8 @@ def runs_in_plain_diffusers(sampler: str, unet_config: Any) -> bool:
     A learned-variance UNet (2C outputs) samples there with DDPM only: the other schedulers feed all 2C
     channels back into the UNet.
     """
-    learned = unet_config.get("out_channels") == 2 * unet_config.get("in_channels")
+    channels = unet_config.get("in_channels")
+    learned = channels is not None and unet_config.get("out_channels") == 2 * channels
     return get_sampler(sampler).plain_diffusers and (sampler == "ddpm" or not learned)
 
 
@@ -181,9 +183,9 @@ def usage_snippet(
     settings = scheduler_settings(sampler, scheduler_config)
     swap = klass != "DDPMScheduler" or settings
     lines.append(f"from diffusers import DDPMPipeline{', ' + klass if swap else ''}")
-    lines += ["", f"pipe = DDPMPipeline.from_pretrained({model!r})"]
+    lines += ["", f"pipe = DDPMPipeline.from_pretrained({_literal(model)})"]
     if swap:
-        arguments = "".join(f", {key}={value!r}" for key, value in settings.items())
+        arguments = "".join(f", {key}={_literal(value)}" for key, value in settings.items())
         lines.append(f"pipe.scheduler = {klass}.from_config(pipe.scheduler.config{arguments})")
     lines += [
         "# image i is seeded from (seed, i) alone, as hf_ddpm seeds it: any batch size gives the same images",
@@ -305,6 +307,11 @@ def generate(
         gathered = accelerator.gather(images.to(accelerator.device)).cpu()
         images = gathered.view(world, per_process, *images.shape[1:]).transpose(0, 1).flatten(0, 1)
     return images[:num_images].cpu()
+
+
+def _literal(value: Any) -> str:
+    """A Python literal of `value` for generated code, strings in double quotes."""
+    return json.dumps(value) if isinstance(value, str) else repr(value)
 
 
 def _to_pil(image: torch.Tensor) -> PIL.Image.Image:

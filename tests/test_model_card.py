@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_without_hf_ddpm
 from huggingface_hub import ModelCard, metadata_load
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
@@ -109,8 +109,10 @@ def test_card_body_has_samples_usage_training_and_evaluation(tmp_path: Path) -> 
     assert "# ddpm-mnist" in text and "![samples](samples.png)" in text
     plain, fast = python_blocks(text)
     assert f'DDPMPipeline.from_pretrained("{REPO}")' in plain and f'DDPMPipeline.from_pretrained("{REPO}")' in fast
-    assert "pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)" in fast
-    assert "num_inference_steps=20" in fast
+    # the card names dpmsolver++-20, the best-measured few-step sampler; the model saved no scheduler config
+    assert "pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config" in fast
+    assert 'timestep_spacing="trailing", thresholding=True' in fast
+    assert "num_inference_steps=20" in fast and "np.random.SeedSequence((0, i))" in fast
     for block in (plain, fast):
         compile(block, "snippet", "exec")
     for row in [
@@ -164,9 +166,9 @@ def test_sampler_quality_claims_come_only_from_eval_results(tmp_path: Path) -> N
     measured = str(render_model_card(make_output(tmp_path / "b", evaluations=EVALUATIONS)))
     for text in (unmeasured, measured):
         assert "similar quality" not in text
-    assert "DPM-Solver++ instead of 1000 ancestral steps (its sample quality on this model has not been measured)" in (
-        unmeasured)  # fmt: skip
-    assert ("(measured here with hf_ddpm's `dpmsolver++` sampler at 20 steps: FID 14.1, against 12.35 with `ddpm` at "
+    assert "20 steps instead of 1000 (its sample quality on this model has not been measured)" in unmeasured
+    assert "SDE-DPM-Solver++(2M)" in unmeasured, "unmeasured, the card recommends hf_ddpm's recommended sampler"
+    assert ("(measured here with `dpmsolver++` at 20 steps: FID 14.1, against 12.35 with `ddpm` at "
             "1000 steps)") in measured  # fmt: skip
 
 
@@ -254,3 +256,30 @@ def test_write_model_card_keeps_a_hand_edited_card_unless_told_to_overwrite(
 
 def test_template_is_found_in_the_checkout() -> None:
     assert template_path() == Path(__file__).resolve().parents[1] / "model_cards" / "ddpm.md.jinja"
+
+
+@pytest.mark.parametrize("learned_variance", [False, True])
+def test_every_snippet_the_card_shows_runs_in_plain_diffusers_for_its_model_kind(tmp_path, learned_variance):
+    """Each python block of the card, run where hf_ddpm cannot be imported, samples the model it is written for;
+    a learned-variance model gets the DDPM snippet only (plain diffusers' other schedulers crash on 2C outputs)."""
+    import torch
+
+    from hf_ddpm.pipeline import DDPMPipeline
+    from hf_ddpm.presets import build_unet, learned_variance_unet
+    from hf_ddpm.trainer import make_noise_scheduler
+    from hf_ddpm.training_args import TrainingArguments
+
+    torch.manual_seed(0)
+    unet = build_unet("tiny-8")
+    variance = "learned_range" if learned_variance else "fixed_small"
+    if learned_variance:
+        unet = learned_variance_unet(unet)
+    scheduler = make_noise_scheduler(TrainingArguments(variance_type=variance))
+    folder = tmp_path / "model"
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder)
+    blocks = python_blocks(str(render_model_card(folder)))
+    assert len(blocks) == (1 if learned_variance else 2)
+    for block in blocks:
+        run_without_hf_ddpm(block.replace("batch_size=16", "batch_size=2").replace("range(16)", "range(2)"),
+                            cwd=tmp_path)  # fmt: skip
+        assert (tmp_path / "sample.png").is_file()

@@ -105,6 +105,12 @@ def build_model(args: TrainingArguments) -> UNet2DModel:
 
 
 def load_training_data(args: TrainingArguments, unet: UNet2DModel) -> ImageDataset:
+    """The training images at the UNet's size and channels; without a dataset flag, the built-in digits."""
+    if args.dataset_name is None and args.train_data_dir is None:
+        logger.warning(
+            "no --dataset_name or --train_data_dir: training on %s (1,797 8x8 digits resized to %s px, %d channel(s))",
+            BUILTIN_DIGITS, unet.config.sample_size, unet.config.in_channels,
+        )  # fmt: skip
     return load_image_dataset(
         dataset_name=args.dataset_name,
         dataset_config_name=args.dataset_config_name,

@@ -341,3 +341,10 @@ def test_eval_every_logs_the_metric_and_keeps_a_best_export(tmp_path):
     assert history[-1]["train_seconds"] <= results["wall_time_s"] - results["eval_seconds"] + 0.1  # both rounded
     with pytest.raises(TrainingError, match="unknown --eval_metric"):
         run(tmp_path, "--eval_every", "2", "--eval_metric", "accuracy", name="bad")
+
+
+def test_training_on_the_built_in_digits_by_default_is_said(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="hf_ddpm.trainer"):
+        Trainer(parse_training_args([*FAST, "--output_dir", str(tmp_path / "out"), "--preset", "small-16-rgb"]))
+    assert "no --dataset_name or --train_data_dir: training on builtin:digits" in caplog.text
+    assert "resized to 16 px, 3 channel(s)" in caplog.text

@@ -20,6 +20,7 @@ import math
 import os
 import platform
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.tracking import GeneralTracker
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
@@ -55,6 +57,15 @@ EVAL_SCORE = {
     "fd_dinov2": ("fd_dinov2", False),
     "nll": ("nll_bpd", False),
     "inception_score": ("inception_score", True),
+}
+
+# How each tracker takes a batch of uint8 images (N, C, H, W): tensorboard as one grid, wandb as a gallery of
+# wandb.Image (from HWC arrays: a torch tensor would be rescaled)
+IMAGE_LOGGERS: dict[str, Callable[[GeneralTracker, str, torch.Tensor, int], None]] = {
+    "tensorboard": lambda tracker, key, images, step: tracker.log_images({key: images}, step, dataformats="NCHW"),
+    "wandb": lambda tracker, key, images, step: tracker.log_images(
+        {key: [image.permute(1, 2, 0).squeeze(-1).numpy() for image in images]}, step
+    ),
 }
 
 
@@ -238,6 +249,9 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             hparams = {k: v for k, v in args.to_dict().items() if isinstance(v, (int, float, str, bool))}
             accelerator.init_trackers("hf_ddpm", config=hparams)
+            no_images = [tracker.name for tracker in accelerator.trackers if tracker.name not in IMAGE_LOGGERS]
+            if args.sample_every and no_images:
+                logger.warning("sample grids go to %s only, not to %s", ", ".join(IMAGE_LOGGERS), ", ".join(no_images))
 
         progress = tqdm(
             total=self.max_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="train"
@@ -356,7 +370,7 @@ class Trainer:
         return pipe
 
     def _log_preview(self, step: int) -> None:
-        """A few-step sample grid in tensorboard; every process draws its share, so none waits into a timeout."""
+        """A few-step sample grid for every tracker; every process draws its share, so none waits into a timeout."""
         args = self.args
         images = sampling.generate(
             self._sampling_pipeline(),
@@ -368,9 +382,10 @@ class Trainer:
             accelerator=self.accelerator,
             progress=False,
         )
-        if self.accelerator.is_main_process and args.report_to in ("tensorboard", "all"):
-            writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
-            writer.add_images("samples", images, step, dataformats="NCHW")
+        if self.accelerator.is_main_process:
+            for tracker in self.accelerator.trackers:
+                if tracker.name in IMAGE_LOGGERS:
+                    IMAGE_LOGGERS[tracker.name](tracker, "samples", images, step)
 
     def _evaluate(self, step: int) -> None:
         """--eval_every: the metric on a few fast samples, logged; the EMA pipeline goes to best/ when it improves."""

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from accelerate.utils import is_wandb_available
 from diffusers.optimization import SchedulerType
 from transformers import HfArgumentParser
 
@@ -109,7 +110,10 @@ class TrainingArguments:
     timestep_sampler: str = field(default="uniform", metadata={"help": "uniform or loss-second-moment"})
     # Watching the run
     logging_dir: str = field(default="logs", metadata={"help": "tensorboard folder, inside --output_dir"})
-    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb, all or none"})
+    report_to: str = field(
+        default="tensorboard",
+        metadata={"help": "tensorboard, wandb, all (every installed tracker accelerate supports) or none"},
+    )
     logging_steps: int = field(default=10, metadata={"help": "log scalars every N steps"})
     sample_every: int = field(default=500, metadata={"help": "log a sample grid every N steps (0: never)"})
     num_preview_images: int = field(default=16, metadata={"help": "images in each logged grid"})
@@ -159,6 +163,8 @@ class TrainingArguments:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise ValueError(f"--max_train_steps must be at least 1, got {self.max_train_steps}")
+        if self.report_to == "wandb" and not is_wandb_available():  # accelerate would drop it with a debug line
+            raise ValueError('--report_to wandb needs wandb: pip install -e ".[wandb]" (or pip install wandb)')
 
     def to_dict(self) -> dict[str, Any]:
         """All arguments, without secrets: what training_summary.json and the model card record."""

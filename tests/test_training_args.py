@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import hf_ddpm.training_args
 from hf_ddpm.presets import get_preset
 from hf_ddpm.training_args import TrainingArguments, parse_training_args
 
@@ -105,3 +106,10 @@ def test_config_file_problems_are_value_errors(tmp_path: Path, content: str | No
     with pytest.raises(ValueError) as failure:
         parse_training_args(["--config", str(config)])
     assert str(failure.value).startswith(f"--config {config}: ") and message in str(failure.value)
+
+
+def test_report_to_wandb_without_wandb_fails_before_anything_is_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hf_ddpm.training_args, "is_wandb_available", lambda: False)
+    with pytest.raises(ValueError, match=re.escape('--report_to wandb needs wandb: pip install -e ".[wandb]"')):
+        parse_training_args(["--report_to", "wandb"])
+    assert parse_training_args(["--report_to", "all"]).report_to == "all"  # every installed tracker

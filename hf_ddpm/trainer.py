@@ -21,7 +21,6 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from tqdm.auto import tqdm
 from hf_ddpm import checkpointing, sampling
 from hf_ddpm.cli import register_user_error
 from hf_ddpm.data import BUILTIN_DIGITS, ImageDataset, load_image_dataset
+from hf_ddpm.hub import BackgroundPusher
 from hf_ddpm.pipeline import DDPMPipeline
 from hf_ddpm.presets import build_unet
 from hf_ddpm.scheduler import DDPMScheduler
@@ -174,6 +174,14 @@ class Trainer:
         )
         if self.accelerator.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
             raise TrainingError("--mixed_precision fp16 needs a GPU; on CPU use --mixed_precision bf16 or no")
+        # the main process pushes; it checks Hub access now, so a bad token fails in seconds, not after the run
+        self.hub: BackgroundPusher | None = None
+        if args.push_to_hub and self.accelerator.is_main_process:
+            self.hub = BackgroundPusher(
+                args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo,
+                revision=args.hub_revision, push_checkpoints=args.push_checkpoints, push_logs=args.push_logs,
+                overwrite_model_card=args.overwrite_model_card,
+            )  # fmt: skip
         self.resume = checkpointing.resolve_checkpoint(args.resume_from_checkpoint, self.checkpoints_dir)
         _check_output_dir(args, resuming=args.resume_from_checkpoint is not None)
         set_seed(args.seed)  # identical initial weights on every process
@@ -223,7 +231,6 @@ class Trainer:
             )
             self.ema.to(self.accelerator.device)
             self.accelerator.register_for_checkpointing(self.ema)
-        self.hub = _HubPusher(args) if args.push_to_hub else None
         if args.eval_every and args.eval_metric not in EVAL_SCORE:
             raise TrainingError(f"unknown --eval_metric {args.eval_metric!r}; choose one of {', '.join(EVAL_SCORE)}")
         self.best_score: float | None = None
@@ -310,17 +317,17 @@ class Trainer:
                     accelerator, self.checkpoints_dir, global_step, state, args.checkpoints_total_limit
                 )
                 saved = global_step // args.checkpointing_steps
-                push_now = self.hub and args.hub_push_every and saved % args.hub_push_every == 0
+                push_now = args.push_to_hub and args.hub_push_every and saved % args.hub_push_every == 0
                 if push_now and global_step < self.max_steps:
-                    self._export(global_step, wall_time, loss_avg)
-                    self.hub.push_async(accelerator, f"step {global_step}")
+                    self._export(global_step, wall_time, loss_avg)  # on every process: it samples on all
+                    if self.hub:
+                        self.hub.push(f"step {global_step}")
         progress.close()
 
         results = self._export(global_step, wall_time, loss_avg, final_samples=True)
+        accelerator.end_training()  # the logs are complete before they are pushed, and even if the push fails
         if self.hub:
-            self.hub.push_async(accelerator, f"end of training, step {global_step}")
-            self.hub.wait()
-        accelerator.end_training()
+            self.hub.finish(f"end of training, step {global_step}")
         return results
 
     def _micro_step(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -462,32 +469,3 @@ class Trainer:
 def train(args: TrainingArguments) -> dict[str, Any]:
     """Train as `args` says; what `accelerate launch scripts/train.py` runs."""
     return Trainer(args).train()
-
-
-class _HubPusher:
-    """Pushes the exported folder from a background thread on the main process, so training never waits on it."""
-
-    def __init__(self, args: TrainingArguments):
-        if not args.hub_model_id:
-            raise TrainingError("--push_to_hub needs --hub_model_id org/name")
-        self.args = args
-        self.pool = ThreadPoolExecutor(max_workers=1)
-        self.pending: Future | None = None
-
-    def push_async(self, accelerator: Accelerator, what: str) -> None:
-        if not accelerator.is_main_process:
-            return
-        from hf_ddpm.hub import push_to_hub
-
-        self.wait()
-        a = self.args
-        self.pending = self.pool.submit(
-            push_to_hub, a.output_dir, a.hub_model_id, token=a.hub_token, private=a.hub_private_repo,
-            revision=a.hub_revision, push_checkpoints=a.push_checkpoints, push_logs=a.push_logs,
-            commit_message=f"hf_ddpm: {what}", overwrite_model_card=a.overwrite_model_card,
-        )
-
-    def wait(self) -> None:
-        if self.pending is not None:
-            self.pending.result()
-            self.pending = None

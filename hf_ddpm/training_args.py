@@ -165,6 +165,8 @@ class TrainingArguments:
             raise ValueError(f"--max_train_steps must be at least 1, got {self.max_train_steps}")
         if self.report_to == "wandb" and not is_wandb_available():  # accelerate would drop it with a debug line
             raise ValueError('--report_to wandb needs wandb: pip install -e ".[wandb]" (or pip install wandb)')
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id org/name (or a name, for the token's own user)")
 
     def to_dict(self) -> dict[str, Any]:
         """All arguments, without secrets: what training_summary.json and the model card record."""

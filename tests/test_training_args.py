@@ -113,3 +113,8 @@ def test_report_to_wandb_without_wandb_fails_before_anything_is_built(monkeypatc
     with pytest.raises(ValueError, match=re.escape('--report_to wandb needs wandb: pip install -e ".[wandb]"')):
         parse_training_args(["--report_to", "wandb"])
     assert parse_training_args(["--report_to", "all"]).report_to == "all"  # every installed tracker
+
+
+def test_push_to_hub_without_a_repo_id_is_refused() -> None:
+    with pytest.raises(ValueError, match="--push_to_hub needs --hub_model_id"):
+        parse_training_args(["--push_to_hub"])

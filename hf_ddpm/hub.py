@@ -13,6 +13,9 @@ only read: the model card is rendered in memory for the repo. `checkpoints/` and
 The token comes from the argument, else `HF_TOKEN`, else `hf auth login`'s cache; it never appears in a log
 line, an error message or an uploaded file (a push that would upload it is refused). Failures are raised as
 `HubError` with one line that says what to fix.
+
+Training pushes through `BackgroundPusher`, which checks write access before the first step
+(`check_push_access`), pushes from a thread, and lets training go on when an intermediate push fails.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -40,7 +44,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects, httpx
+from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects, httpx, validate_repo_id
 
 from hf_ddpm.cli import one_line, register_user_error
 from hf_ddpm.model_card import card_was_edited, render_model_card
@@ -52,9 +56,12 @@ logger = logging.getLogger(__name__)
 
 TOKEN_HINT = "pass --hub_token, set HF_TOKEN or run `hf auth login`"
 RETRY_WAIT_S = 1.0  # first backoff delay; doubles after each failed attempt
+MAX_RETRIES = 5  # retries of each step of a push
 _MAX_WAIT_S = 30.0
 _TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{20,}")
 _T = TypeVar("_T")
+_WHOAMI = "asking the Hub whose token this is"
+_PUSH_ERRORS = (HfHubHTTPError, httpx.HTTPError, OSError, RuntimeError, ValueError)  # what a push turns into HubError
 
 
 @register_user_error
@@ -81,7 +88,7 @@ def push_to_hub(
     commit_message: str | None = None,
     overwrite_model_card: bool = False,
     endpoint: str | None = None,
-    max_retries: int = 5,
+    max_retries: int = MAX_RETRIES,
 ) -> str:
     """Upload a training output folder to the Hub repo `repo_id` in one commit; return the commit URL.
 
@@ -95,10 +102,7 @@ def push_to_hub(
     folder = Path(output_dir)
     if not (folder / "model_index.json").is_file():
         raise HubError(f"{folder} is not a pipeline folder (no model_index.json): pass the training output_dir")
-    if constants.HF_HUB_OFFLINE:
-        raise HubError("HF_HUB_OFFLINE=1 is set: unset it to push to the Hub")
-    token = token or get_token()
-    api = HfApi(endpoint=endpoint, token=token)
+    api, token = _push_client(token, endpoint)
     paths = _files_to_push(folder, push_checkpoints, push_logs)
 
     def retrying(step: str, call: Callable[[], _T]) -> _T:
@@ -106,7 +110,7 @@ def push_to_hub(
 
     try:
         if "/" not in repo_id:  # the token's own namespace, which the card's usage snippet must name
-            repo_id = f"{retrying('asking the Hub whose token this is', api.whoami)['name']}/{repo_id}"
+            repo_id = f"{retrying(_WHOAMI, api.whoami)['name']}/{repo_id}"
         card = _card_text(folder, repo_id)
         _refuse_token_upload(folder, paths, card, token)
         retrying("creating the repo", lambda: api.create_repo(repo_id, private=private, exist_ok=True))
@@ -134,10 +138,100 @@ def push_to_hub(
         )
     except HubError:
         raise
-    except (HfHubHTTPError, httpx.HTTPError, OSError, RuntimeError, ValueError) as err:
+    except _PUSH_ERRORS as err:
         raise HubError(_push_error_message(err, repo_id, token)) from err
     logger.info("pushed %s: %s", repo_id, info.commit_url)
     return info.commit_url
+
+
+def check_push_access(repo_id: str, *, token: str | None = None, endpoint: str | None = None) -> str:
+    """Raise HubError unless `token` may push to `repo_id`; return it as "namespace/name".
+
+    One `whoami` call, nothing created: the token must be valid and not read-only, and the namespace must be
+    its user's or one of the user's organisations (a read-only member is refused). A bare "name" goes to the
+    token's user. The scopes of a fine-grained token are not checked; the first push finds those out.
+    """
+    api, token = _push_client(token, endpoint)
+    try:
+        me = _with_retries(api.whoami, _WHOAMI, MAX_RETRIES, token)
+    except _PUSH_ERRORS as err:
+        raise HubError(_push_error_message(err, repo_id, token)) from err
+    full_id = repo_id if "/" in repo_id else f"{me['name']}/{repo_id}"
+    try:
+        validate_repo_id(full_id)
+    except HFValidationError as err:
+        raise HubError(f"--hub_model_id {repo_id} is not a valid repo id: {one_line(err)}") from err
+    if me.get("auth", {}).get("accessToken", {}).get("role") == "read":
+        raise HubError(f"the token is read-only and cannot push to {full_id}: {TOKEN_HINT} with a write token")
+    writable = [me["name"], *(org["name"] for org in me.get("orgs", []) if org.get("roleInOrg") != "read")]
+    namespace = full_id.split("/")[0]
+    if namespace not in writable:
+        raise HubError(
+            f"the token cannot write to {full_id}: it is {me['name']}'s, who can write to {', '.join(writable)}; "
+            f"change --hub_model_id, or {TOKEN_HINT} with a token of {namespace}"
+        )
+    return full_id
+
+
+class BackgroundPusher:
+    """Pushes a training output folder to the Hub from a thread, so training never waits on the Hub.
+
+    Made before training starts, it checks write access (`check_push_access`) so a bad token or repo id fails
+    in seconds. `push()` starts a push after the previous one finished; a push that fails is logged as a
+    warning (once, until a push succeeds again) and the next one, which sends the whole folder, retries it.
+    `finish()` pushes one last time and raises HubError if that fails, leaving the folder as it is.
+    `push_options` go to `push_to_hub` (`private`, `revision`, `push_checkpoints`, ...).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        repo_id: str,
+        *,
+        token: str | None = None,
+        endpoint: str | None = None,
+        **push_options: Any,
+    ) -> None:
+        self.repo_id = check_push_access(repo_id, token=token, endpoint=endpoint)
+        self.output_dir = output_dir
+        self.push_options = {"token": token, "endpoint": endpoint, **push_options}
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-push")
+        self.pending: Future[str] | None = None
+        self.failing = False  # the last push failed and was logged
+
+    def push(self, what: str) -> None:
+        """Start pushing the folder now, with "hf_ddpm: `what`" as the commit message."""
+        self.wait()
+        self.pending = self.pool.submit(self._push, what)
+
+    def wait(self) -> None:
+        """Wait for the push in flight; log its failure instead of raising it."""
+        if self.pending is None:
+            return
+        pending, self.pending = self.pending, None
+        try:
+            pending.result()
+        except HubError as err:
+            if not self.failing:
+                logger.warning("a push to the Hub failed; training goes on and the next push retries: %s", err)
+            self.failing = True
+        else:
+            self.failing = False
+
+    def finish(self, what: str) -> str:
+        """Push the folder in this thread and return the commit URL; raise HubError if that push fails."""
+        self.wait()
+        self.pool.shutdown()
+        try:
+            return self._push(what)
+        except HubError as err:
+            raise HubError(
+                f"{err}. The run is complete in {self.output_dir}; push it later with: "
+                f"python scripts/push_to_hub.py {self.output_dir} --hub_model_id {self.repo_id}"
+            ) from err
+
+    def _push(self, what: str) -> str:
+        return push_to_hub(self.output_dir, self.repo_id, commit_message=f"hf_ddpm: {what}", **self.push_options)
 
 
 def load_pipeline(
@@ -163,6 +257,14 @@ def load_pipeline(
         if message is None:
             raise
         raise HubError(message) from err
+
+
+def _push_client(token: str | None, endpoint: str | None) -> tuple[HfApi, str | None]:
+    """The HfApi to push with and the token it uses (the argument, else HF_TOKEN, else the login cache)."""
+    if constants.HF_HUB_OFFLINE:
+        raise HubError("HF_HUB_OFFLINE=1 is set: unset it to push to the Hub")
+    token = token or get_token()
+    return HfApi(endpoint=endpoint, token=token), token
 
 
 def _files_to_push(folder: Path, push_checkpoints: bool, push_logs: bool) -> list[str]:

@@ -21,13 +21,14 @@ import os
 import platform
 import shutil
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.tracking import GeneralTracker
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 from hf_ddpm import checkpointing, sampling
 from hf_ddpm.cli import register_user_error
 from hf_ddpm.data import BUILTIN_DIGITS, ImageDataset, load_image_dataset
+from hf_ddpm.hub import BackgroundPusher
 from hf_ddpm.pipeline import DDPMPipeline
 from hf_ddpm.presets import build_unet, learned_variance_unet
 from hf_ddpm.scheduler import DDPMScheduler
@@ -56,6 +58,15 @@ EVAL_SCORE = {
     "fd_dinov2": ("fd_dinov2", False),
     "nll": ("nll_bpd", False),
     "inception_score": ("inception_score", True),
+}
+
+# How each tracker takes a batch of uint8 images (N, C, H, W): tensorboard as one grid, wandb as a gallery of
+# wandb.Image (from HWC arrays: a torch tensor would be rescaled)
+IMAGE_LOGGERS: dict[str, Callable[[GeneralTracker, str, torch.Tensor, int], None]] = {
+    "tensorboard": lambda tracker, key, images, step: tracker.log_images({key: images}, step, dataformats="NCHW"),
+    "wandb": lambda tracker, key, images, step: tracker.log_images(
+        {key: [image.permute(1, 2, 0).squeeze(-1).numpy() for image in images]}, step
+    ),
 }
 
 
@@ -208,6 +219,14 @@ class Trainer:
         if self.accelerator.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
             raise TrainingError("--mixed_precision fp16 needs a GPU; on CPU use --mixed_precision bf16 or no")
         self.resume = _check_output_dir(args, self.checkpoints_dir)
+        # the main process pushes; it checks Hub access now, so a bad token fails in seconds, not after the run
+        self.hub: BackgroundPusher | None = None
+        if args.push_to_hub and self.accelerator.is_main_process:
+            self.hub = BackgroundPusher(
+                args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo,
+                revision=args.hub_revision, push_checkpoints=args.push_checkpoints, push_logs=args.push_logs,
+                overwrite_model_card=args.overwrite_model_card,
+            )  # fmt: skip
         self.overwritten = None  # the earlier run, set aside by the main process; deleted once this one exported
         if args.overwrite_output_dir and self.accelerator.is_main_process:
             self.overwritten = checkpointing.set_aside(self.output_dir)
@@ -262,7 +281,6 @@ class Trainer:
             )
             self.ema.to(self.accelerator.device)
             self.accelerator.register_for_checkpointing(self.ema)
-        self.hub = _HubPusher(args) if args.push_to_hub else None
         if args.eval_every and args.eval_metric not in EVAL_SCORE:
             raise TrainingError(f"unknown --eval_metric {args.eval_metric!r}; choose one of {', '.join(EVAL_SCORE)}")
         self.best_score: float | None = None
@@ -292,6 +310,9 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             hparams = {k: v for k, v in args.to_dict().items() if isinstance(v, (int, float, str, bool))}
             accelerator.init_trackers("hf_ddpm", config=hparams)
+            no_images = [tracker.name for tracker in accelerator.trackers if tracker.name not in IMAGE_LOGGERS]
+            if args.sample_every and no_images:
+                logger.warning("sample grids go to %s only, not to %s", ", ".join(IMAGE_LOGGERS), ", ".join(no_images))
 
         progress = tqdm(
             total=self.max_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="train"
@@ -353,19 +374,19 @@ class Trainer:
                     accelerator, self.checkpoints_dir, global_step, state, args.checkpoints_total_limit
                 )
                 saved = global_step // args.checkpointing_steps
-                push_now = self.hub and args.hub_push_every and saved % args.hub_push_every == 0
+                push_now = args.push_to_hub and args.hub_push_every and saved % args.hub_push_every == 0
                 if push_now and global_step < self.max_steps:
-                    self._export(global_step, wall_time, loss_avg)
-                    self.hub.push_async(accelerator, f"step {global_step}")
+                    self._export(global_step, wall_time, loss_avg)  # on every process: it samples on all
+                    if self.hub:
+                        self.hub.push(f"step {global_step}")
         progress.close()
 
         results = self._export(global_step, wall_time, loss_avg, final_samples=True)
         if self.overwritten is not None:
             shutil.rmtree(self.overwritten)
+        accelerator.end_training()  # the logs are complete before they are pushed, and even if the push fails
         if self.hub:
-            self.hub.push_async(accelerator, f"end of training, step {global_step}")
-            self.hub.wait()
-        accelerator.end_training()
+            self.hub.finish(f"end of training, step {global_step}")
         return results
 
     def _micro_step(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -415,7 +436,7 @@ class Trainer:
         return pipe
 
     def _log_preview(self, step: int) -> None:
-        """A few-step sample grid in tensorboard; every process draws its share, so none waits into a timeout."""
+        """A few-step sample grid for every tracker; every process draws its share, so none waits into a timeout."""
         args = self.args
         images = sampling.generate(
             self._sampling_pipeline(),
@@ -427,9 +448,10 @@ class Trainer:
             accelerator=self.accelerator,
             progress=False,
         )
-        if self.accelerator.is_main_process and args.report_to in ("tensorboard", "all"):
-            writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
-            writer.add_images("samples", images, step, dataformats="NCHW")
+        if self.accelerator.is_main_process:
+            for tracker in self.accelerator.trackers:
+                if tracker.name in IMAGE_LOGGERS:
+                    IMAGE_LOGGERS[tracker.name](tracker, "samples", images, step)
 
     def _evaluate(self, step: int, train_seconds: float) -> None:
         """--eval_every: the metric on a few fast samples, logged; the EMA pipeline goes to best/ when it improves,
@@ -516,32 +538,3 @@ class Trainer:
 def train(args: TrainingArguments) -> dict[str, Any]:
     """Train as `args` says; what `accelerate launch scripts/train.py` runs."""
     return Trainer(args).train()
-
-
-class _HubPusher:
-    """Pushes the exported folder from a background thread on the main process, so training never waits on it."""
-
-    def __init__(self, args: TrainingArguments):
-        if not args.hub_model_id:
-            raise TrainingError("--push_to_hub needs --hub_model_id org/name")
-        self.args = args
-        self.pool = ThreadPoolExecutor(max_workers=1)
-        self.pending: Future | None = None
-
-    def push_async(self, accelerator: Accelerator, what: str) -> None:
-        if not accelerator.is_main_process:
-            return
-        from hf_ddpm.hub import push_to_hub
-
-        self.wait()
-        a = self.args
-        self.pending = self.pool.submit(
-            push_to_hub, a.output_dir, a.hub_model_id, token=a.hub_token, private=a.hub_private_repo,
-            revision=a.hub_revision, push_checkpoints=a.push_checkpoints, push_logs=a.push_logs,
-            commit_message=f"hf_ddpm: {what}", overwrite_model_card=a.overwrite_model_card,
-        )
-
-    def wait(self) -> None:
-        if self.pending is not None:
-            self.pending.result()
-            self.pending = None

@@ -5,6 +5,11 @@ Values are resolved in this order, later ones winning: the defaults below, the c
 
     accelerate launch scripts/train.py --config configs/ddpm_cifar10.yaml --train_batch_size 64
 
+The preset whose defaults apply is the one the highest source names (a --preset flag beats the config file's),
+and `--help` shows every default as that preset and the config file set it. How long to train is given by
+`--max_train_steps` or by `--num_epochs`: the highest source that gives either decides, so a `--num_epochs` of
+yours replaces a `max_train_steps` that the preset (or the config file) sets. One source giving both is refused.
+
 Flag names follow diffusers' examples/unconditional_image_generation/train_unconditional.py where it has one.
 """
 
@@ -17,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from accelerate.utils import is_wandb_available
 from diffusers.optimization import SchedulerType
 from transformers import HfArgumentParser
 
@@ -25,13 +31,18 @@ from hf_ddpm.sampling import RECOMMENDED_SAMPLER, SAMPLERS
 from hf_ddpm.scheduler import LOSS_WEIGHTINGS, PREDICTION_TYPES
 from hf_ddpm.timestep_samplers import TIMESTEP_SAMPLERS
 
+RUN_LENGTH = frozenset({"max_train_steps", "num_epochs"})  # the two ways of saying how long to train
+
 
 @dataclass
 class TrainingArguments:
     # Model
     preset: str = field(
         default="digits-16",
-        metadata={"help": f"UNet preset ({', '.join(list_presets())}), a config.json, or a model folder to start from"},
+        metadata={
+            "help": f"UNet preset ({', '.join(list_presets())}), a config.json, or a model folder to start from; "
+            "a preset's training defaults apply under --config and flags"
+        },
     )
     unet_overrides: str | None = field(
         default=None, metadata={"help": 'JSON object of UNet2DModel fields to override, e.g. \'{"dropout": 0.1}\''}
@@ -63,8 +74,12 @@ class TrainingArguments:
     seed: int = field(default=0, metadata={"help": "seed for weights, data order, noise and augmentation"})
     train_batch_size: int = field(default=64, metadata={"help": "images per process per micro-step"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
-    max_train_steps: int | None = field(default=None, metadata={"help": "optimizer steps (overrides --num_epochs)"})
-    num_epochs: int = field(default=70, metadata={"help": "passes over the data when --max_train_steps is unset"})
+    max_train_steps: int | None = field(
+        default=None, metadata={"help": "optimizer steps; a --num_epochs you give replaces a preset's value"}
+    )
+    num_epochs: int = field(
+        default=70, metadata={"help": "passes over the data, when --max_train_steps is unset; give one of the two"}
+    )
     mixed_precision: str | None = field(
         default=None, metadata={"help": "no, fp16 or bf16 (default: accelerate's config); weights stay fp32"}
     )
@@ -98,7 +113,10 @@ class TrainingArguments:
     timestep_sampler: str = field(default="uniform", metadata={"help": "uniform or loss-second-moment"})
     # Watching the run
     logging_dir: str = field(default="logs", metadata={"help": "tensorboard folder, inside --output_dir"})
-    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb, all or none"})
+    report_to: str = field(
+        default="tensorboard",
+        metadata={"help": "tensorboard, wandb, all (every installed tracker accelerate supports) or none"},
+    )
     logging_steps: int = field(default=10, metadata={"help": "log scalars every N steps"})
     sample_every: int = field(default=500, metadata={"help": "log a sample grid every N steps (0: never)"})
     num_preview_images: int = field(default=16, metadata={"help": "images in each logged grid"})
@@ -156,6 +174,10 @@ class TrainingArguments:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise ValueError(f"--max_train_steps must be at least 1, got {self.max_train_steps}")
+        if self.report_to == "wandb" and not is_wandb_available():  # accelerate would drop it with a debug line
+            raise ValueError('--report_to wandb needs wandb: pip install -e ".[wandb]" (or pip install wandb)')
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id org/name (or a name, for the token's own user)")
 
     def to_dict(self) -> dict[str, Any]:
         """All arguments, without secrets: what training_summary.json and the model card record."""
@@ -165,34 +187,72 @@ class TrainingArguments:
 
 
 def parse_training_args(argv: list[str] | None = None) -> TrainingArguments:
-    """Parse flags (and `--config FILE`) into `TrainingArguments`, with the preset's defaults filled in."""
+    """Parse flags (and `--config FILE`) into `TrainingArguments`, with the chosen preset's defaults filled in."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(TrainingArguments)
-    parser.add_argument("--config", default=None, help="YAML or JSON file of arguments; flags override it")
-    parser.add_argument("--list_presets", action="store_true", help="print the UNet presets and exit")
-    first, _ = parser.parse_known_args(argv)
-    if first.list_presets:
+    given = _given_on_command_line(argv)
+    if given.pop("list_presets", False):
         for name in list_presets():
             print(f"{name:18s} {get_preset(name).description}")
         raise SystemExit(0)
-    from_file = _read_config_file(first.config) if first.config else {}
-    preset_name = from_file.get("preset", first.preset)
-    preset_defaults = get_preset(preset_name).train_defaults if preset_name in list_presets() else {}
-    parser.set_defaults(**{**preset_defaults, **from_file})
-    args, extra = parser.parse_args_into_dataclasses(args=argv)
+    config = given.pop("config", None)
+    from_file = _read_config_file(config) if config else {}
+    preset = given.get("preset", from_file.get("preset", TrainingArguments.preset))
+    preset_defaults = get_preset(preset).train_defaults if preset in list_presets() else {}
+    defaults = {**preset_defaults, **from_file}
+    if "num_epochs" in _run_length_source(given, from_file, config):
+        defaults["max_train_steps"] = None  # the user's epochs, not a max_train_steps from a source below
+    shown = f"--preset {preset}" + (f" and --config {config}" if config else "")
+    parser = _parser(description=f"Train a DDPM. The defaults shown are what {shown} make of them.")
+    parser.set_defaults(**defaults)
+    args, _ = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     return args
+
+
+def _parser(**kwargs: Any) -> HfArgumentParser:
+    parser = HfArgumentParser(TrainingArguments, **kwargs)
+    parser.add_argument("--config", default=None, help="YAML or JSON file of arguments; flags override it")
+    parser.add_argument("--list_presets", action="store_true", help="print the UNet presets and exit")
+    return parser
+
+
+def _given_on_command_line(argv: list[str]) -> dict[str, Any]:
+    """The arguments `argv` sets, parsed, by name (`--help` is left for the full parse)."""
+    unset = object()
+    parser = _parser(add_help=False)
+    names = [f.name for f in fields(TrainingArguments)] + ["config", "list_presets"]
+    parser.set_defaults(**dict.fromkeys(names, unset))
+    namespace = parser.parse_known_args(argv)[0]
+    return {name: value for name, value in vars(namespace).items() if value is not unset}
+
+
+def _run_length_source(given: dict[str, Any], from_file: dict[str, Any], config: str | None) -> dict[str, Any]:
+    """The highest source that sets the run length (the command line, then the config file), or {}; one that
+    sets it twice is refused."""
+    for where, values in (("on the command line", given), (f"in --config {config}", from_file)):
+        named = RUN_LENGTH & values.keys()
+        if len(named) == len(RUN_LENGTH):
+            raise ValueError(
+                f"--max_train_steps and --num_epochs are both given {where}: give one of them "
+                "(optimizer steps, or passes over the data)"
+            )
+        if named:
+            return values
+    return {}
 
 
 def _read_config_file(path: str) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
-        raise SystemExit(f"error: --config {path}: no such file")
+        raise ValueError(f"--config {path}: no such file")
     text = file.read_text()
-    values = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    try:
+        values = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as err:
+        raise ValueError(f"--config {path}: not valid {'JSON' if file.suffix == '.json' else 'YAML'}: {err}") from err
     if not isinstance(values, dict):
-        raise SystemExit(f"error: --config {path}: expected a mapping of argument names to values")
+        raise ValueError(f"--config {path}: expected a mapping of argument names to values")
     known = {f.name for f in fields(TrainingArguments)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise SystemExit(f"error: --config {path}: unknown argument(s) {unknown}; see scripts/train.py --help")
+        raise ValueError(f"--config {path}: unknown argument(s) {unknown}; see scripts/train.py --help")
     return values

@@ -10,9 +10,11 @@ not speak xet.
         HfApi(endpoint=hub.url, token="hf_alice").create_repo("alice/m", private=True)
         assert hub.repos["alice/m"].private
 
-Auth: `tokens` maps each valid token to its user, who may write to their own namespace only. A token that is
-not in `tokens` gets 401 ("Invalid credentials in Authorization header", as the Hub answers); a private or
-missing repo is 401 RepoNotFound without a token and 404 RepoNotFound with a valid one.
+Auth: `tokens` maps each valid token to its user, who may write to their own namespace and to the
+organisations `orgs` lists for them (user -> org names; whoami reports them with roleInOrg "write"). Tokens in
+`read_only` are valid but may not write (whoami reports role "read"; writes get 403). A token that is not in
+`tokens` gets 401 ("Invalid credentials in Authorization header", as the Hub answers); a private or missing
+repo is 401 RepoNotFound without a token and 404 RepoNotFound with a valid one.
 Fault injection: `fail_next(path_substring, status=503, times=1)` answers the next matching requests with
 that status (or drops the connection with `disconnect=True`). Every request is recorded in `requests`
 (method, path, status, user, body; never the token).
@@ -123,8 +125,15 @@ class _HttpError(Exception):
 class HubServer:
     """An in-memory Hub on 127.0.0.1 (port chosen by the OS); use as a context manager or start()/stop()."""
 
-    def __init__(self, tokens: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        tokens: dict[str, str] | None = None,
+        orgs: dict[str, list[str]] | None = None,
+        read_only: set[str] | None = None,
+    ) -> None:
         self.tokens = dict(tokens or {})
+        self.orgs = dict(orgs or {})
+        self.read_only = set(read_only or ())
         self.repos: dict[str, Repo] = {}
         self.lfs_objects: dict[str, bytes] = {}  # sha256 -> content
         self.requests: list[RecordedRequest] = []
@@ -234,6 +243,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         self.body = self._read_body()
         self.user: str | None = None
+        self.can_write = False
         fault = self.hub._take_fault(self.command, unquote(url.path))
         if fault is not None and fault.disconnect:
             self._record(unquote(url.path), 0)
@@ -290,14 +300,23 @@ class _Handler(BaseHTTPRequestHandler):
         header = self.headers.get("Authorization")
         if not header:
             return None
-        user = self.hub.tokens.get(header.removeprefix("Bearer ").strip())
+        token = header.removeprefix("Bearer ").strip()
+        user = self.hub.tokens.get(token)
         if user is None:
             raise _HttpError(401, "Invalid credentials in Authorization header")
+        self.can_write = token not in self.hub.read_only
         return user
+
+    def _namespaces(self) -> tuple[str | None, ...]:
+        """The user's own namespace and their organisations'."""
+        return (self.user, *self.hub.orgs.get(self.user, []))
+
+    def _may_write_to(self, namespace: str) -> bool:
+        return self.can_write and namespace in self._namespaces()
 
     def _readable(self, repo_id: str) -> Repo:
         repo = self.hub.repos.get(repo_id)
-        if repo is None or (repo.private and self.user != repo.namespace):
+        if repo is None or (repo.private and repo.namespace not in self._namespaces()):
             raise _HttpError(401 if self.user is None else 404, "Repository not found", code="RepoNotFound")
         return repo
 
@@ -305,7 +324,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.user is None:
             raise _HttpError(401, "You must be authenticated to write to a repository")
         repo = self._readable(repo_id)
-        if repo.namespace != self.user:
+        if not self._may_write_to(repo.namespace):
             raise _HttpError(403, f"You don't have the rights to write to {repo_id}")
         return repo
 
@@ -327,8 +346,9 @@ class _Handler(BaseHTTPRequestHandler):
     def whoami(self) -> tuple[int, Any, dict[str, str]]:
         if self.user is None:
             raise _HttpError(401, "You must be authenticated")
-        access = {"displayName": "test", "role": "write"}
-        return 200, {"type": "user", "name": self.user, "orgs": [], "auth": {"accessToken": access}}, {}
+        access = {"displayName": "test", "role": "write" if self.can_write else "read"}
+        orgs = [{"type": "org", "name": org, "roleInOrg": "write"} for org in self.hub.orgs.get(self.user, [])]
+        return 200, {"type": "user", "name": self.user, "orgs": orgs, "auth": {"accessToken": access}}, {}
 
     def create_repo(self) -> tuple[int, Any, dict[str, str]]:
         if self.user is None:
@@ -337,7 +357,7 @@ class _Handler(BaseHTTPRequestHandler):
         namespace = payload.get("organization") or self.user
         if payload.get("type") not in (None, "model"):
             raise _HttpError(400, "this fake Hub only hosts model repos")
-        if namespace != self.user:
+        if not self._may_write_to(namespace):
             raise _HttpError(403, f"You don't have the rights to create a repository under {namespace}")
         repo_id = f"{namespace}/{payload['name']}"
         url = f"{self.hub.url}/{repo_id}"

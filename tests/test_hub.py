@@ -8,6 +8,7 @@ offline from the cache the previous one filled.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -30,14 +31,19 @@ from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, constants
 from PIL import Image
 
 import hf_ddpm.hub
-from hf_ddpm.hub import TOKEN_HINT, HubError, load_pipeline, push_to_hub, redact
+import hf_ddpm.trainer
+from hf_ddpm.hub import TOKEN_HINT, BackgroundPusher, HubError, check_push_access, load_pipeline, push_to_hub, redact
 from hf_ddpm.model_card import card_was_edited, write_model_card
 from hf_ddpm.pipeline import DDPMPipeline
+from hf_ddpm.trainer import Trainer, train
+from hf_ddpm.training_args import parse_training_args
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_" + "Alice0token" * 3  # alice's, shaped like a real token
 BOB_TOKEN = "bob-plain-secret-4242"  # valid for bob, not shaped like a token: must be masked by value
 BAD_TOKEN = "not-a-valid-token-9876"
+READ_TOKEN = "alice-read-only-1234"  # alice's, but it may not write
+ORG = "ddpm-lab"  # alice may write there
 REPO = "alice/ddpm-tiny"
 PIPELINE_FILES = {
     "model_index.json",
@@ -223,7 +229,8 @@ def hub_client(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 @pytest.fixture
 def hub() -> Iterator[HubServer]:
-    with HubServer(tokens={TOKEN: "alice", BOB_TOKEN: "bob"}) as server:
+    tokens = {TOKEN: "alice", BOB_TOKEN: "bob", READ_TOKEN: "alice"}
+    with HubServer(tokens=tokens, orgs={"alice": [ORG]}, read_only={READ_TOKEN}) as server:
         yield server
 
 
@@ -538,3 +545,93 @@ def test_training_pushes_every_n_checkpoints_and_at_the_end(hub: HubServer, tmp_
     for path in (tmp_path / "run").rglob("*"):
         if path.is_file():
             assert TOKEN.encode() not in path.read_bytes(), path
+
+
+# ---------------------------------------------------------------- access before training, failures during it
+
+
+def train_args(output_dir: Path, *extra: str) -> list[str]:
+    """A few tiny-8 steps that push to REPO."""
+    return [
+        "--preset", "tiny-8", "--max_train_samples", "16", "--train_batch_size", "8", "--sample_every", "0",
+        "--num_final_images", "4", "--final_sampler", "ddim", "--final_steps", "2", "--output_dir", str(output_dir),
+        "--push_to_hub", "--hub_model_id", REPO, *extra,
+    ]  # fmt: skip
+
+
+def pusher_for_this_hub(monkeypatch: pytest.MonkeyPatch, hub: HubServer) -> None:
+    """In-process training pushes to `hub` (huggingface_hub read HF_ENDPOINT when this process imported it)."""
+    monkeypatch.setattr(hf_ddpm.trainer, "BackgroundPusher", functools.partial(BackgroundPusher, endpoint=hub.url))
+
+
+@pytest.mark.parametrize(
+    ("token", "message"),
+    [
+        (BAD_TOKEN, f"the Hub rejected the token (401): {TOKEN_HINT} with a valid token"),
+        (None, f"no Hugging Face token found, and the Hub needs one to push: {TOKEN_HINT}"),
+        (BOB_TOKEN, f"the token cannot write to {REPO}: it is bob's, who can write to bob; change --hub_model_id"),
+        (READ_TOKEN, f"the token is read-only and cannot push to {REPO}: {TOKEN_HINT} with a write token"),
+    ],
+    ids=["bad-token", "no-token", "other-namespace", "read-only"],
+)
+def test_training_checks_hub_access_before_building_anything(
+    hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, token: str | None, message: str
+) -> None:
+    pusher_for_this_hub(monkeypatch, hub)
+
+    def build_model(*args: Any) -> None:
+        raise AssertionError("the model was built before the Hub access check")
+
+    monkeypatch.setattr(hf_ddpm.trainer, "build_model", build_model)
+    with pytest.raises(HubError) as refused:
+        Trainer(parse_training_args(train_args(tmp_path / "run", *(["--hub_token", token] if token else []))))
+
+    assert str(refused.value).startswith(message) and "\n" not in str(refused.value)
+    assert all(secret not in str(refused.value) for secret in (TOKEN, BOB_TOKEN, BAD_TOKEN, READ_TOKEN))
+    assert {r.path for r in hub.requests} <= {"/api/whoami-v2"} and not hub.repos, "the check must create nothing"
+    assert not (tmp_path / "run").exists()
+
+
+def test_access_check_accepts_the_users_and_their_orgs_namespaces_and_names_a_bare_repo(hub: HubServer) -> None:
+    assert check_push_access("ddpm-tiny", token=TOKEN, endpoint=hub.url) == REPO
+    assert check_push_access(f"{ORG}/ddpm", token=TOKEN, endpoint=hub.url) == f"{ORG}/ddpm"
+    with pytest.raises(HubError, match="^--hub_model_id alice/not valid! is not a valid repo id"):
+        check_push_access("alice/not valid!", token=TOKEN, endpoint=hub.url)
+    assert [r.path for r in hub.requests] == ["/api/whoami-v2"] * 3 and not hub.repos
+
+
+def test_a_failed_intermediate_push_is_logged_once_and_the_next_push_retries_it(
+    output_dir: Path, hub: HubServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    pusher = BackgroundPusher(output_dir, "ddpm-tiny", token=TOKEN, endpoint=hub.url)
+    hub.fail_next("/commit/", status=422, times=2)  # a lasting error: two pushes in a row fail
+    with caplog.at_level(logging.WARNING, logger="hf_ddpm.hub"):
+        for step in (1, 2, 3):
+            pusher.push(f"step {step}")
+        pusher.wait()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "training goes on and the next push retries" in warnings[0], warnings
+    assert [c.message for c in hub.repos[REPO].commits.values()] == ["initial commit", "hf_ddpm: step 3"]
+    assert OUTPUT_FILES <= set(hub.files(REPO))
+
+
+def test_a_hub_that_keeps_failing_leaves_a_complete_local_run_and_one_line(
+    hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    pusher_for_this_hub(monkeypatch, hub)
+    hub.fail_next("/commit/", status=422, times=100)
+    run = tmp_path / "run"
+    args = train_args(run, "--hub_token", TOKEN, "--max_train_steps", "3", "--checkpointing_steps", "1",
+                      "--hub_push_every", "1")  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="hf_ddpm.hub"), pytest.raises(HubError) as failure:
+        train(parse_training_args(args))
+
+    message = str(failure.value)
+    assert message.startswith(f"pushing to {REPO} failed: ") and "\n" not in message and TOKEN not in message
+    assert message.endswith(f"push it later with: python scripts/push_to_hub.py {run} --hub_model_id {REPO}")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "training goes on" in warnings[0], warnings
+    assert len(hub.requests_matching("/commit/main", "POST")) == 3, "steps 1 and 2, then the final push"
+    assert json.loads((run / "training_summary.json").read_text())["results"]["global_step"] == 3
+    for name in [*PIPELINE_FILES, "samples.png", "README.md", "checkpoints/checkpoint-3/model.safetensors"]:
+        assert (run / name).is_file(), name

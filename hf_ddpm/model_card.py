@@ -357,8 +357,9 @@ def _sampler_quality(evaluations: list[dict[str, Any]], setup: tuple[str, int]) 
     parts = []
     for entry in find(setup):
         paper = find(_PAPER_SAMPLER, like=entry)
-        versus = f", against {_cell(paper[-1]['value'])} with `{_PAPER_SAMPLER[0]}` at {_PAPER_SAMPLER[1]} steps"
-        parts.append(f"{_metric_label(entry)} {_cell(entry['value'])}{versus if paper else ''}")
+        versus = f", against {_cell(paper[-1]['value'])} with `{_PAPER_SAMPLER[0]}` at {_PAPER_SAMPLER[1]} steps" if (
+            paper) else ""  # fmt: skip
+        parts.append(f"{_metric_label(entry)} {_cell(entry['value'])}{versus}")
     if not parts:
         return "its sample quality on this model has not been measured"
     name, steps = setup

@@ -167,6 +167,9 @@ def test_sampler_quality_claims_come_only_from_eval_results(tmp_path: Path) -> N
     for text in (unmeasured, measured):
         assert "similar quality" not in text
     assert "20 steps instead of 1000 (its sample quality on this model has not been measured)" in unmeasured
+    few_steps_only = [e for e in EVALUATIONS if e["sampler"] == "dpmsolver++"]  # no DDPM-1000 figure to compare
+    assert "measured here with `dpmsolver++` at 20 steps: FID 14.1)" in str(
+        render_model_card(make_output(tmp_path / "c", evaluations=few_steps_only)))  # fmt: skip
     assert "SDE-DPM-Solver++(2M)" in unmeasured, "unmeasured, the card recommends hf_ddpm's recommended sampler"
     assert ("(measured here with `dpmsolver++` at 20 steps: FID 14.1, against 12.35 with `ddpm` at "
             "1000 steps)") in measured  # fmt: skip

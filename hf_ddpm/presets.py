@@ -126,12 +126,18 @@ _PRESETS: dict[str, Preset] = {
                 norm_num_groups=8,
                 dropout=0.0,
             ),
+            # The default run's recipe, measured on the digits metric at 512 samples with 20-step SDE-DPM-Solver++
+            # (README, "time to quality"): min-SNR-5 weighting (Hang et al. 2023) over uniform eps-MSE lowers
+            # digits FD from 8.9 to 6.2 at 1500 steps and narrows the gap of the deterministic solvers
+            # (DPM-Solver++-20: 16.3 -> 9.7); steps raise confidence (>0.9) from 0.86 (1500) to 0.91 (3000) and
+            # 0.94 (6000). v-prediction + min-SNR and no EMA were worse at 1500 steps.
             train_defaults={
                 "resolution": 16,
                 "learning_rate": 1e-3,
                 "lr_scheduler": "cosine",
                 "lr_warmup_steps": 100,
-                "max_train_steps": 1500,
+                "max_train_steps": 6000,
+                "loss_weighting": "min_snr",
             },
         ),
         Preset(

@@ -47,7 +47,7 @@ def test_help_shows_what_the_config_file_sets(capsys: pytest.CaptureFixture[str]
 
 @pytest.mark.parametrize("where", ["command line", "config file"])
 def test_your_num_epochs_replaces_the_presets_max_train_steps(tmp_path: Path, where: str) -> None:
-    assert get_preset("digits-16").train_defaults["max_train_steps"] == 1500
+    assert get_preset("digits-16").train_defaults["max_train_steps"] == 6000
     config = tmp_path / "c.yaml"
     config.write_text("num_epochs: 3\n")
     argv = ["--num_epochs", "3"] if where == "command line" else ["--config", str(config)]
@@ -118,3 +118,16 @@ def test_report_to_wandb_without_wandb_fails_before_anything_is_built(monkeypatc
 def test_push_to_hub_without_a_repo_id_is_refused() -> None:
     with pytest.raises(ValueError, match="--push_to_hub needs --hub_model_id"):
         parse_training_args(["--push_to_hub"])
+
+
+def test_the_default_run_is_the_measured_recipe_with_fast_samples() -> None:
+    """What `make train` runs (README, time to quality): min-SNR weighting, 6000 steps, and every sample it draws
+    (previews, --eval_every, samples.png) from 20-step SDE-DPM-Solver++, 1000-step DDPM one flag away."""
+    args = parse_training_args([])
+    assert (args.preset, args.loss_weighting, args.max_train_steps, args.learning_rate) == (
+        "digits-16", "min_snr", 6000, 1e-3)  # fmt: skip
+    assert args.preview_sampler == args.final_sampler == "sde-dpmsolver++"
+    assert args.preview_steps is None and args.final_steps is None and args.eval_num_samples == 512
+    assert parse_training_args(["--final_sampler", "ddpm"]).final_sampler == "ddpm"
+    cifar = parse_training_args(["--preset", "ddpm-cifar10-32"])
+    assert (cifar.loss_weighting, cifar.prediction_type, cifar.learning_rate) == ("uniform", "epsilon", 2e-4)

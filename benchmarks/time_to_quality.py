@@ -31,7 +31,7 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter, ScalarFormatter
 
-from hf_ddpm.figures import DPI
+from hf_ddpm.figures import DPI, save_line_plot
 from hf_ddpm.presets import get_preset
 from hf_ddpm.sampling import RECOMMENDED_SAMPLER, SAMPLERS, default_steps
 from hf_ddpm.trainer import SUMMARY_FILE
@@ -156,12 +156,7 @@ def fd_vs_seconds_figure(histories: dict[str, Sequence[dict[str, Any]]], floor: 
     ax.yaxis.set_minor_formatter(LogFormatter())  # plain numbers; minor ones only over a decade or two
     ax.set_xlabel("training seconds (evaluations excluded)")
     ax.set_ylabel("digits FD (lower is better)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, format="png")
-    return path
+    return save_line_plot(fig, ax, path)
 
 
 def train_command(recipe: list[str], output_dir: Path, steps: int, args: argparse.Namespace) -> list[str]:

@@ -30,6 +30,21 @@ from hf_ddpm.sampling import default_steps, image_generators, sampling_pipeline,
 from hf_ddpm.scheduler import DDPMScheduler
 
 DPI = 100
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write `fig` as a PNG at `path` (folders created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, format="png")
+    return path
+
+
+def save_line_plot(fig: Figure, ax: Any, path: str | Path) -> Path:
+    """The finish of every line plot here: a light grid on both tick levels and a legend, then `save_figure`."""
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    return save_figure(fig, path)
 CELL_PIXELS = 100
 TITLE_PIXELS = 30
 LABEL_PIXELS = 60
@@ -66,10 +81,7 @@ def _image_table(
                 ax.set_title(col_titles[c], fontsize=9, pad=3)
             if c == 0 and row_labels:
                 ax.set_ylabel(row_labels[r], fontsize=9)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, format="png")
-    return path
+    return save_figure(fig, path)
 
 
 def forward_process(
@@ -180,9 +192,4 @@ def metric_vs_steps_figure(
     ax.minorticks_off()
     ax.set_xlabel("sampling steps")
     ax.set_ylabel(f"{metric_name} ({'lower' if lower_is_better else 'higher'} is better)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, format="png")
-    return path
+    return save_line_plot(fig, ax, path)

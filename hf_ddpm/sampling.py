@@ -93,9 +93,11 @@ SAMPLERS: dict[str, Sampler] = {
         False,
         "UniPC-bh2, deterministic (Zhao et al. 2023); its step() takes no generator",
     ),
+    # First order and noisy: on the default run (512 samples) its digits FD is 1.48x DDPM-1000's at 20 steps,
+    # 1.27x at 50 and 1.05x at 100, so it defaults to 100; SDE-DPM-Solver++ does better in 20.
     "euler_a": Sampler(
         EulerAncestralDiscreteScheduler,
-        20,
+        100,
         {},
         False,
         "Euler ancestral (Karras et al. 2022); needs init_noise_sigma and scale_model_input",
@@ -112,7 +114,7 @@ def get_sampler(name: str) -> Sampler:
 
 
 def default_steps(name: str) -> int:
-    """Default number of steps of a sampler: ddpm 1000, ddim 50, the others 20.
+    """Default number of steps of a sampler: ddpm 1000, euler_a 100, ddim 50, the others 20.
 
     >>> default_steps("dpmsolver++")
     20

@@ -100,7 +100,7 @@ def test_default_steps():
         "dpmsolver++": 20,
         "sde-dpmsolver++": 20,
         "unipc": 20,
-        "euler_a": 20,
+        "euler_a": 100,
     }
 
 

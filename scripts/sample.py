@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Generate samples from a trained DDPM (a pipeline folder or a Hub repo id) with any of hf_ddpm's samplers.
 
-    python scripts/sample.py output --num_images 64 --sampler dpmsolver++ --output samples.png
+    python scripts/sample.py output --num_images 64 --output samples.png        # 20-step SDE-DPM-Solver++
+    python scripts/sample.py output --num_images 64 --sampler ddpm --output paper.png   # 1000 ancestral steps
     python scripts/sample.py google/ddpm-cifar10-32 --allow_pickle --num_images 16 --sampler ddim --output cifar/
     accelerate launch --num_processes 4 scripts/sample.py output --num_images 50000 --output samples.npz
 
@@ -19,7 +20,7 @@ import torch
 from accelerate import Accelerator
 from diffusers.utils import logging as diffusers_logging
 
-from hf_ddpm.sampling import SAMPLERS, default_steps, generate, load_pipeline, save_images
+from hf_ddpm.sampling import RECOMMENDED_SAMPLER, SAMPLERS, default_steps, generate, load_pipeline, save_images
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -28,9 +29,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="pipeline folder (e.g. a training output) or Hub repo id")
     parser.add_argument("--num_images", type=int, default=64, help="images to generate")
-    parser.add_argument("--sampler", default="ddpm", help=f"one of {', '.join(SAMPLERS)} (default: ddpm)")
     parser.add_argument(
-        "--num_inference_steps", type=int, default=None, help="default: 1000 ddpm, 50 ddim/euler_a, 20 others"
+        "--sampler", default=RECOMMENDED_SAMPLER, help=f"one of {', '.join(SAMPLERS)} (default: {RECOMMENDED_SAMPLER})"
+    )
+    parser.add_argument(
+        "--num_inference_steps",
+        type=int,
+        default=None,
+        help="default: the sampler's (" + ", ".join(f"{name} {default_steps(name)}" for name in SAMPLERS) + ")",
     )
     parser.add_argument("--seed", type=int, default=0, help="image i is seeded from (seed, i)")
     parser.add_argument("--batch_size", type=int, default=64, help="images per UNet call on each process")

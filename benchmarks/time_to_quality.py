@@ -161,7 +161,7 @@ def fd_vs_seconds_figure(histories: dict[str, Sequence[dict[str, Any]]], floor: 
 
 def train_command(recipe: list[str], output_dir: Path, steps: int, args: argparse.Namespace) -> list[str]:
     """scripts/train.py with `recipe`, evaluated the same way for both runs; no sample grids inside the timed loop."""
-    # the evaluation sampler is --preview_sampler/--preview_steps until scripts/train.py has an --eval_sampler
+    # --preview_sampler / --preview_steps choose the sampler of both the logged grids and --eval_every
     measurement = [
         "--output_dir", str(output_dir), "--max_train_steps", str(steps), "--seed", str(args.seed),
         "--eval_every", str(args.eval_every), "--eval_metric", "digits",

@@ -159,8 +159,10 @@ def test_eval_every_best_export_carries_its_results_and_card(tmp_path):
         "--eval_every", "2", "--eval_metric", "digits", "--eval_num_samples", "70", "--preview_sampler", "ddim",
         "--preview_steps", "2", "--seed", "5",
     ]))  # fmt: skip
-    trainer._evaluate(2)
+    trainer._evaluate(2, train_seconds=1.5)
     best = json.loads((out / "best" / "best_eval.json").read_text())
+    values = {k: v for k, v in best.items() if k.startswith("digits")}
+    assert trainer.eval_history == [{"global_step": 2, "train_seconds": 1.5, **values}]
     entries = {e["metric"]: e for e in json.loads((out / "best" / "eval_results.json").read_text())["results"]}
     assert all(set(entry) == ENTRY_KEYS for entry in entries.values())
     assert {metric: entry["value"] for metric, entry in entries.items()} == {k: best[k] for k in entries}

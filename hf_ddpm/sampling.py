@@ -17,6 +17,7 @@ scheduler used here takes its step noise from the generator list, image by image
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 from collections.abc import Sequence
@@ -132,7 +133,8 @@ def scheduler_settings(name: str, config: Any) -> dict[str, Any]:
         # DPM-Solver's own slicing of learned-variance outputs assumes 3 image channels; hf_ddpm's pipeline
         # drops the variance channels itself
         wanted["variance_type"] = None
-    return {key: value for key, value in wanted.items() if inherited.get(key) != value}
+    accepted = inspect.signature(sampler.scheduler_class.__init__).parameters  # Euler has no x_0 to clip
+    return {key: value for key, value in wanted.items() if key in accepted and inherited.get(key) != value}
 
 
 def _learned_variance(config: Any) -> bool:

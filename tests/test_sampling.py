@@ -277,3 +277,24 @@ def test_script_errors_are_one_line_and_non_zero(
     assert message in error
     assert capfd.readouterr().err == ""  # no warnings or tracebacks before the one line
     assert not (tmp_path / "x.png").exists()
+
+
+def test_the_readme_snippet_draws_the_default_samplers_images_in_plain_diffusers(tmp_path):
+    """The README's first python block, run where hf_ddpm cannot be imported, on a model saved as training saves
+    one, gives generate()'s images with the recommended sampler at its default steps."""
+    import re
+
+    from hf_ddpm.sampling import RECOMMENDED_SAMPLER
+    from hf_ddpm.trainer import make_noise_scheduler
+    from hf_ddpm.training_args import TrainingArguments
+
+    torch.manual_seed(0)
+    trained = DDPMPipeline(unet=build_unet("tiny-8"), scheduler=make_noise_scheduler(TrainingArguments()))
+    trained.save_pretrained(tmp_path / "output")
+    block = re.findall(r"```python\n(.*?)```", (REPO_ROOT / "README.md").read_text(), flags=re.DOTALL)[0]
+    assert 'from_pretrained("output")' in block
+    code = block + "\nnp.save('readme.npy', np.stack([np.asarray(im) for im in images]))"
+    run_without_hf_ddpm(code, cwd=tmp_path)
+    plain = torch.from_numpy(np.load(tmp_path / "readme.npy"))[:, None]
+    ours = generate(trained, 16, sampler=RECOMMENDED_SAMPLER, seed=0, batch_size=16, progress=False)
+    assert torch.equal(plain, ours)

@@ -22,6 +22,7 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +51,23 @@ logger = get_logger(__name__)  # accelerate's: logs on the main process only
 SUMMARY_FILE = "training_summary.json"
 SAMPLES_FILE = "samples.png"
 BEST_DIR = "best"
-# --eval_every: the value that decides which export is `best/`, and whether higher is better
+
+
+@dataclass(frozen=True)
+class EvalScore:
+    """For --eval_every: the value of a metric that decides which export is `best/`, and its direction."""
+
+    value: str
+    higher_is_better: bool = False
+
+
 EVAL_SCORE = {
-    "digits": ("digits_fd", False),
-    "fid": ("fid", False),
-    "kid": ("kid", False),
-    "fd_dinov2": ("fd_dinov2", False),
-    "nll": ("nll_bpd", False),
-    "inception_score": ("inception_score", True),
+    "digits": EvalScore("digits_fd"),
+    "fid": EvalScore("fid"),
+    "kid": EvalScore("kid"),
+    "fd_dinov2": EvalScore("fd_dinov2"),
+    "nll": EvalScore("nll_bpd"),
+    "inception_score": EvalScore("inception_score", higher_is_better=True),
 }
 
 # How each tracker takes a batch of uint8 images (N, C, H, W): tensorboard as one grid, wandb as a gallery of
@@ -281,8 +291,6 @@ class Trainer:
             )
             self.ema.to(self.accelerator.device)
             self.accelerator.register_for_checkpointing(self.ema)
-        if args.eval_every and args.eval_metric not in EVAL_SCORE:
-            raise TrainingError(f"unknown --eval_metric {args.eval_metric!r}; choose one of {', '.join(EVAL_SCORE)}")
         self.best_score: float | None = None
         # one entry per --eval_every evaluation: step, training seconds so far (evaluations excluded), values
         self.eval_history: list[dict[str, float]] = []
@@ -470,9 +478,11 @@ class Trainer:
         )  # fmt: skip
         self.accelerator.log({f"eval/{k}": v for k, v in values.items()}, step=step)
         self.eval_history.append({"global_step": step, "train_seconds": round(train_seconds, 2), **values})
-        key, higher_is_better = EVAL_SCORE[args.eval_metric]
-        score = values[key]
-        improved = self.best_score is None or (score > self.best_score if higher_is_better else score < self.best_score)
+        decides = EVAL_SCORE[args.eval_metric]
+        key, score = decides.value, values[decides.value]
+        improved = self.best_score is None or (
+            score > self.best_score if decides.higher_is_better else score < self.best_score
+        )
         logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
         if improved:
             self.best_score = score

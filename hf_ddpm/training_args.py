@@ -26,9 +26,10 @@ from accelerate.utils import is_wandb_available
 from diffusers.optimization import SchedulerType
 from transformers import HfArgumentParser
 
+from hf_ddpm.evaluation import METRICS
 from hf_ddpm.presets import get_preset, list_presets
 from hf_ddpm.sampling import RECOMMENDED_SAMPLER, SAMPLERS
-from hf_ddpm.scheduler import LOSS_WEIGHTINGS, PREDICTION_TYPES
+from hf_ddpm.scheduler import LOSS_WEIGHTINGS, PREDICTION_TYPES, VARIANCE_TYPES
 from hf_ddpm.timestep_samplers import TIMESTEP_SAMPLERS
 
 RUN_LENGTH = frozenset({"max_train_steps", "num_epochs"})  # the two ways of saying how long to train
@@ -155,7 +156,8 @@ class TrainingArguments:
         """Reject values no code path accepts, before anything is built, with the flag and the valid choices."""
         choices = {
             "prediction_type": PREDICTION_TYPES,
-            "variance_type": ("fixed_small", "fixed_large", "learned_range"),
+            "variance_type": VARIANCE_TYPES,
+            "eval_metric": METRICS,
             "loss_weighting": LOSS_WEIGHTINGS,
             "timestep_sampler": tuple(TIMESTEP_SAMPLERS),
             "lr_scheduler": tuple(s.value for s in SchedulerType),

@@ -339,8 +339,13 @@ def test_eval_every_logs_the_metric_and_keeps_a_best_export(tmp_path):
     assert 0 < history[0]["train_seconds"] < history[1]["train_seconds"] < results["wall_time_s"]
     assert results["eval_seconds"] > 0
     assert history[-1]["train_seconds"] <= results["wall_time_s"] - results["eval_seconds"] + 0.1  # both rounded
-    with pytest.raises(TrainingError, match="unknown --eval_metric"):
-        run(tmp_path, "--eval_every", "2", "--eval_metric", "accuracy", name="bad")
+    # a bad metric is refused with the other flags, before any data is decoded, naming the valid ones
+    with pytest.raises(ValueError, match="--eval_metric 'accuracy' is not one of: fid, kid, inception_score"):
+        parse_training_args([*FAST, "--eval_every", "2", "--eval_metric", "accuracy"])
+    from hf_ddpm.evaluation import METRICS
+    from hf_ddpm.trainer import EVAL_SCORE
+
+    assert set(EVAL_SCORE) == set(METRICS), "every metric decides best/ by one of its values"
 
 
 def test_training_on_the_built_in_digits_by_default_is_said(tmp_path, caplog):

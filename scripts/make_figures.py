@@ -17,6 +17,7 @@ from pathlib import Path
 
 from diffusers.utils import logging as diffusers_logging
 
+from hf_ddpm.cli import run_cli
 from hf_ddpm.data import BUILTIN_DIGITS, load_image_dataset
 from hf_ddpm.figures import forward_process_figure, reverse_process_figure, sample_grid_figure
 from hf_ddpm.sampling import SAMPLERS, default_steps, generate, load_pipeline
@@ -41,13 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     diffusers_logging.set_verbosity_error()
-    try:
-        default_steps(args.sampler)  # raises ValueError listing the samplers
-        pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
-        unet = pipe.unet.config
-        data = load_image_dataset(args.dataset, resolution=unet.sample_size, channels=unet.in_channels)
-    except ValueError as err:  # hf_ddpm.data.DataError is a ValueError
-        sys.exit(f"error: {err}")
+    default_steps(args.sampler)  # raises ValueError listing the samplers
+    pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
+    unet = pipe.unet.config
+    data = load_image_dataset(args.dataset, resolution=unet.sample_size, channels=unet.in_channels)
     out = Path(args.output_dir)
     sampling = {"sampler": args.sampler, "num_inference_steps": args.num_inference_steps, "seed": args.seed}
     paths = [
@@ -59,4 +57,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

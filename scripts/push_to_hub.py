@@ -14,7 +14,8 @@ import argparse
 import logging
 import sys
 
-from hf_ddpm.hub import HubError, push_to_hub
+from hf_ddpm.cli import run_cli
+from hf_ddpm.hub import push_to_hub
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,27 +32,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        url = push_to_hub(
-            args.output_dir,
-            args.hub_model_id,
-            token=args.hub_token,
-            private=args.hub_private_repo,
-            revision=args.hub_revision,
-            push_checkpoints=args.push_checkpoints,
-            push_logs=args.push_logs,
-            commit_message=args.commit_message,
-            overwrite_model_card=args.overwrite_model_card,
-        )
-    except HubError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    url = push_to_hub(
+        args.output_dir,
+        args.hub_model_id,
+        token=args.hub_token,
+        private=args.hub_private_repo,
+        revision=args.hub_revision,
+        push_checkpoints=args.push_checkpoints,
+        push_logs=args.push_logs,
+        commit_message=args.commit_message,
+        overwrite_model_card=args.overwrite_model_card,
+    )
     print(url)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

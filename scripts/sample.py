@@ -20,6 +20,7 @@ import torch
 from accelerate import Accelerator
 from diffusers.utils import logging as diffusers_logging
 
+from hf_ddpm.cli import run_cli
 from hf_ddpm.sampling import RECOMMENDED_SAMPLER, SAMPLERS, default_steps, generate, load_pipeline, save_images
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -67,15 +68,12 @@ def _check(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     diffusers_logging.set_verbosity_error()
-    try:
-        _check(args)
-        accelerator = Accelerator(mixed_precision=args.mixed_precision)
-        on_cpu = accelerator.device.type == "cpu"
-        if on_cpu and accelerator.mixed_precision == "fp16":
-            raise ValueError("fp16 needs a GPU; on a CPU use --mixed_precision bf16 (autocast) or no")
-        pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
-    except ValueError as err:
-        sys.exit(f"error: {err}")
+    _check(args)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    on_cpu = accelerator.device.type == "cpu"
+    if on_cpu and accelerator.mixed_precision == "fp16":
+        raise ValueError("fp16 needs a GPU; on a CPU use --mixed_precision bf16 (autocast) or no")
+    pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
     if not on_cpu and accelerator.mixed_precision in DTYPES:
         pipe.unet.to(dtype=DTYPES[accelerator.mixed_precision])
     pipe.to(accelerator.device)
@@ -99,4 +97,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

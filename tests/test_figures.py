@@ -111,7 +111,9 @@ def test_make_figures_script(pipe, tmp_path, monkeypatch, restore_diffusers_verb
         ["make_figures.py", str(tmp_path / "model"), "--output_dir", str(out), "--sampler", "ddim",
          "--num_inference_steps", "4", "--num_rows", "2", "--num_images", "9"],
     )  # fmt: skip
-    runpy.run_path(str(MAKE_FIGURES), run_name="__main__")
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(MAKE_FIGURES), run_name="__main__")
+    assert exit_info.value.code == 0
     assert png_size(out / "forward_process.png") == (8 * CELL_PIXELS, 2 * CELL_PIXELS + TITLE_PIXELS)
     assert png_size(out / "reverse_process.png") == (4 * CELL_PIXELS + LABEL_PIXELS, 4 * CELL_PIXELS + TITLE_PIXELS)
     assert png_size(out / "samples.png") == (24, 24)
@@ -121,6 +123,6 @@ def test_make_figures_script_bad_model_is_one_line(tmp_path, monkeypatch, capfd,
     monkeypatch.setattr("sys.argv", ["make_figures.py", str(tmp_path / "nothing"), "--output_dir", str(tmp_path)])
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(MAKE_FIGURES), run_name="__main__")
-    error = exit_info.value.code
-    assert isinstance(error, str) and error.startswith("error: cannot load model") and "\n" not in error
-    assert capfd.readouterr().err == ""
+    assert exit_info.value.code == 1
+    error = capfd.readouterr().err  # run_cli prints the one line, nothing before it
+    assert error.startswith("error: cannot load model") and error.count("\n") == 1

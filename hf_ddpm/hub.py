@@ -173,6 +173,20 @@ def check_push_access(repo_id: str, *, token: str | None = None, endpoint: str |
     return full_id
 
 
+def push_options(args: Any) -> dict[str, Any]:
+    """`push_to_hub`'s keyword arguments from command-line flags of the same names (`--hub_token`,
+    `--hub_private_repo`, `--hub_revision`, `--push_checkpoints`, `--push_logs`, `--overwrite_model_card`), as
+    `scripts/push_to_hub.py` and `scripts/train.py` both spell them."""
+    return {
+        "token": args.hub_token,
+        "private": args.hub_private_repo,
+        "revision": args.hub_revision,
+        "push_checkpoints": args.push_checkpoints,
+        "push_logs": args.push_logs,
+        "overwrite_model_card": args.overwrite_model_card,
+    }
+
+
 class BackgroundPusher:
     """Pushes a training output folder to the Hub from a thread, so training never waits on the Hub.
 

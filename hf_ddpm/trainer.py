@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from hf_ddpm import checkpointing, sampling
 from hf_ddpm.cli import register_user_error
 from hf_ddpm.data import BUILTIN_DIGITS, ImageDataset, load_image_dataset
-from hf_ddpm.hub import BackgroundPusher
+from hf_ddpm.hub import BackgroundPusher, push_options
 from hf_ddpm.pipeline import DDPMPipeline
 from hf_ddpm.presets import build_unet, learned_variance_unet
 from hf_ddpm.scheduler import DDPMScheduler
@@ -232,11 +232,7 @@ class Trainer:
         # the main process pushes; it checks Hub access now, so a bad token fails in seconds, not after the run
         self.hub: BackgroundPusher | None = None
         if args.push_to_hub and self.accelerator.is_main_process:
-            self.hub = BackgroundPusher(
-                args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo,
-                revision=args.hub_revision, push_checkpoints=args.push_checkpoints, push_logs=args.push_logs,
-                overwrite_model_card=args.overwrite_model_card,
-            )  # fmt: skip
+            self.hub = BackgroundPusher(args.output_dir, args.hub_model_id, **push_options(args))
         self.overwritten = None  # the earlier run, set aside by the main process; deleted once this one exported
         if args.overwrite_output_dir and self.accelerator.is_main_process:
             self.overwritten = checkpointing.set_aside(self.output_dir)

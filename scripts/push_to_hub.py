@@ -15,7 +15,7 @@ import logging
 import sys
 
 from hf_ddpm.cli import run_cli
-from hf_ddpm.hub import push_to_hub
+from hf_ddpm.hub import push_options, push_to_hub
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,18 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    url = push_to_hub(
-        args.output_dir,
-        args.hub_model_id,
-        token=args.hub_token,
-        private=args.hub_private_repo,
-        revision=args.hub_revision,
-        push_checkpoints=args.push_checkpoints,
-        push_logs=args.push_logs,
-        commit_message=args.commit_message,
-        overwrite_model_card=args.overwrite_model_card,
-    )
-    print(url)
+    print(push_to_hub(args.output_dir, args.hub_model_id, commit_message=args.commit_message, **push_options(args)))
 
 
 if __name__ == "__main__":

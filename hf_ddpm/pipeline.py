@@ -103,7 +103,7 @@ class DDPMPipeline(diffusers.DDPMPipeline):
         """
         local = Path(pretrained_model_name_or_path)
         if not allow_pickle and local.is_dir():
-            _refuse_pickle_only(local)
+            refuse_pickle_only(local)
         kwargs.setdefault("use_safetensors", not allow_pickle)
         try:
             pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
@@ -199,7 +199,11 @@ class DDPMPipeline(diffusers.DDPMPipeline):
         )
 
 
-def _refuse_pickle_only(folder: Path) -> None:
+def refuse_pickle_only(folder: Path) -> None:
+    """Raise PickleWeightsError if `folder` or a sub-folder holds `.bin` weights without safetensors beside them.
+
+    The one check behind every `allow_pickle=False`: pipeline loading and fine-tuning from a `--preset` folder.
+    """
     for sub in [folder, *(p for p in folder.iterdir() if p.is_dir())]:
         if any(sub.glob("*.bin")) and not any(sub.glob("*.safetensors")):
             raise PickleWeightsError(

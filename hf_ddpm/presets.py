@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from diffusers import UNet2DModel
 
-from hf_ddpm.pipeline import _refuse_pickle_only
+from hf_ddpm.pipeline import refuse_pickle_only
 
 # Fields shared by every DDPM-style network: the paper's sinusoidal embedding (freq_shift 1, no sin/cos flip),
 # one attention head over all channels, and no padding before the strided down-sampling convolution.
@@ -248,7 +248,7 @@ def build_unet(spec: str | dict[str, Any], allow_pickle: bool = False, **overrid
         return UNet2DModel(**unet_config(spec, **overrides))
     folder = Path(spec) / "unet" if (Path(spec) / "unet").is_dir() else Path(spec)
     if not allow_pickle:
-        _refuse_pickle_only(folder)
+        refuse_pickle_only(folder)
     safetensors = any(folder.glob("*.safetensors"))
     if not safetensors and not any(folder.glob("*.bin")):
         raise FileNotFoundError(

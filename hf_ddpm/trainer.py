@@ -22,7 +22,6 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,31 +43,13 @@ from hf_ddpm.pipeline import DDPMPipeline
 from hf_ddpm.presets import build_unet, learned_variance_unet
 from hf_ddpm.scheduler import DDPMScheduler
 from hf_ddpm.timestep_samplers import UniformSampler, create_timestep_sampler
-from hf_ddpm.training_args import TrainingArguments
+from hf_ddpm.training_args import EVAL_SCORE, TrainingArguments
 
 logger = get_logger(__name__)  # accelerate's: logs on the main process only
 
 SUMMARY_FILE = "training_summary.json"
 SAMPLES_FILE = "samples.png"
 BEST_DIR = "best"
-
-
-@dataclass(frozen=True)
-class EvalScore:
-    """For --eval_every: the value of a metric that decides which export is `best/`, and its direction."""
-
-    value: str
-    higher_is_better: bool = False
-
-
-EVAL_SCORE = {
-    "digits": EvalScore("digits_fd"),
-    "fid": EvalScore("fid"),
-    "kid": EvalScore("kid"),
-    "fd_dinov2": EvalScore("fd_dinov2"),
-    "nll": EvalScore("nll_bpd"),
-    "inception_score": EvalScore("inception_score", higher_is_better=True),
-}
 
 # How each tracker takes a batch of uint8 images (N, C, H, W): tensorboard as one grid, wandb as a gallery of
 # wandb.Image (from HWC arrays: a torch tensor would be rescaled)

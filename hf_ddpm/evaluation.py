@@ -164,7 +164,7 @@ def nll_bits_per_dim(
         x0 = pixels.to(unet.device).float() / 127.5 - 1
         generator = image_generators(seed, [batch_index])[0]  # seeded from (seed, batch_index) alone
         timestep_batch = max(1, batch_size // len(batch))
-        nll = scheduler.nll_bits_per_dim(
+        nll = scheduler.vlb_bits_per_dim(
             model_fn, x0, generator=generator, timestep_batch=timestep_batch, clip_denoised=clip_denoised
         )
         return {"nll": nll}

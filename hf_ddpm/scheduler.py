@@ -179,15 +179,16 @@ class DDPMScheduler(diffusers.DDPMScheduler):
             cache[device] = cache[cpu].to(device)
         return cache[device]
 
-    def _coef(self, name: str, t: Tensor, like: Tensor) -> Tensor:
-        """Table `name` at timesteps t (B,), shaped (B, 1, ..., 1) to broadcast against `like`, in `like`'s
+    def _coef_broadcast(self, name: str, t: Tensor, like: Tensor) -> Tensor:
+        """Table `name` at timesteps t (B,), shaped (B, 1, ..., 1) to multiply `like` (B, ...), in `like`'s
         dtype but at least float32 (so multiplying a half-precision tensor by it upcasts)."""
         table = getattr(self._tables(like.device), name)
         coef = table[t.to(like.device)].to(torch.promote_types(like.dtype, torch.float32))
         return coef.reshape(-1, *([1] * (like.ndim - 1)))
 
-    def _per_sample(self, name: str, t: Tensor) -> Tensor:
-        """Table `name` at timesteps t (B,), on t's device, in the table's dtype (float64 but on MPS)."""
+    def _coef_per_sample(self, name: str, t: Tensor) -> Tensor:
+        """Table `name` at timesteps t (B,): one value per sample, on t's device, in the table's dtype
+        (float64 but on MPS)."""
         return getattr(self._tables(t.device), name)[t]
 
     # ------------------------------------------------------------------------------------------------------
@@ -202,9 +203,9 @@ class DDPMScheduler(diffusers.DDPMScheduler):
         All three have x0's shape.
         """
         dtype = x0.dtype
-        mean = self._coef("sqrt_alphas_cumprod", t, x0) * x0
+        mean = self._coef_broadcast("sqrt_alphas_cumprod", t, x0) * x0
         # From log(1 - abar_t), computed in float64: 1 - abar_t in float32 would cancel for small t.
-        log_variance = self._coef("log_one_minus_alphas_cumprod", t, x0).expand_as(x0)
+        log_variance = self._coef_broadcast("log_one_minus_alphas_cumprod", t, x0).expand_as(x0)
         return mean.to(dtype), log_variance.exp().to(dtype), log_variance.to(dtype)
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
@@ -213,8 +214,8 @@ class DDPMScheduler(diffusers.DDPMScheduler):
         The same map as the parent's `add_noise`, with float64 coefficients.
         """
         x_t = (
-            self._coef("sqrt_alphas_cumprod", t, x0) * x0
-            + self._coef("sqrt_one_minus_alphas_cumprod", t, x0) * noise
+            self._coef_broadcast("sqrt_alphas_cumprod", t, x0) * x0
+            + self._coef_broadcast("sqrt_one_minus_alphas_cumprod", t, x0) * noise
         )
         return x_t.to(_promoted_dtype(x0, noise))
 
@@ -229,9 +230,12 @@ class DDPMScheduler(diffusers.DDPMScheduler):
         to log beta~_1 (improved-diffusion). All three have xt's shape.
         """
         dtype = _promoted_dtype(x0, xt)
-        mean = self._coef("posterior_mean_coef1", t, xt) * x0 + self._coef("posterior_mean_coef2", t, xt) * xt
-        variance = self._coef("posterior_variance", t, xt).expand_as(xt)
-        log_variance = self._coef("posterior_log_variance_clipped", t, xt).expand_as(xt)
+        mean = (
+            self._coef_broadcast("posterior_mean_coef1", t, xt) * x0
+            + self._coef_broadcast("posterior_mean_coef2", t, xt) * xt
+        )
+        variance = self._coef_broadcast("posterior_variance", t, xt).expand_as(xt)
+        log_variance = self._coef_broadcast("posterior_log_variance_clipped", t, xt).expand_as(xt)
         return mean.to(dtype), variance.to(dtype), log_variance.to(dtype)
 
     # ------------------------------------------------------------------------------------------------------
@@ -251,14 +255,14 @@ class DDPMScheduler(diffusers.DDPMScheduler):
         x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
         """
         x0 = (
-            self._coef("sqrt_recip_alphas_cumprod", t, xt) * xt
-            - self._coef("sqrt_recipm1_alphas_cumprod", t, xt) * eps
+            self._coef_broadcast("sqrt_recip_alphas_cumprod", t, xt) * xt
+            - self._coef_broadcast("sqrt_recipm1_alphas_cumprod", t, xt) * eps
         )
         return x0.to(_promoted_dtype(xt, eps))
 
     def eps_from_x0(self, xt: Tensor, t: Tensor, x0: Tensor) -> Tensor:
         """eps = (sqrt(1 / abar_t) x_t - x_0) / sqrt(1 / abar_t - 1), the inverse of `x0_from_eps`."""
-        eps = (self._coef("sqrt_recip_alphas_cumprod", t, xt) * xt - x0) / self._coef(
+        eps = (self._coef_broadcast("sqrt_recip_alphas_cumprod", t, xt) * xt - x0) / self._coef_broadcast(
             "sqrt_recipm1_alphas_cumprod", t, xt
         )
         return eps.to(_promoted_dtype(xt, x0))
@@ -276,8 +280,8 @@ class DDPMScheduler(diffusers.DDPMScheduler):
         if prediction_type == "sample":
             return model_output.to(_promoted_dtype(model_output, xt))
         x0 = (
-            self._coef("sqrt_alphas_cumprod", t, xt) * xt
-            - self._coef("sqrt_one_minus_alphas_cumprod", t, xt) * model_output
+            self._coef_broadcast("sqrt_alphas_cumprod", t, xt) * xt
+            - self._coef_broadcast("sqrt_one_minus_alphas_cumprod", t, xt) * model_output
         )
         return x0.to(_promoted_dtype(model_output, xt))
 
@@ -294,8 +298,8 @@ class DDPMScheduler(diffusers.DDPMScheduler):
         if prediction_type == "sample":
             return self.eps_from_x0(xt, t, model_output)
         eps = (
-            self._coef("sqrt_one_minus_alphas_cumprod", t, xt) * xt
-            + self._coef("sqrt_alphas_cumprod", t, xt) * model_output
+            self._coef_broadcast("sqrt_one_minus_alphas_cumprod", t, xt) * xt
+            + self._coef_broadcast("sqrt_alphas_cumprod", t, xt) * model_output
         )
         return eps.to(_promoted_dtype(model_output, xt))
 
@@ -311,8 +315,8 @@ class DDPMScheduler(diffusers.DDPMScheduler):
         if prediction_type == "sample":
             return x0.to(dtype)
         v = (
-            self._coef("sqrt_alphas_cumprod", t, x0) * noise
-            - self._coef("sqrt_one_minus_alphas_cumprod", t, x0) * x0
+            self._coef_broadcast("sqrt_alphas_cumprod", t, x0) * noise
+            - self._coef_broadcast("sqrt_one_minus_alphas_cumprod", t, x0) * x0
         )
         return v.to(dtype)
 
@@ -378,11 +382,11 @@ class DDPMScheduler(diffusers.DDPMScheduler):
         dtype = _promoted_dtype(model_output, xt)
         mean_output, var_output = self._split_model_output(model_output, xt)
         if var_output is None:
-            log_variance = self._coef(self._fixed_log_variance_table(), t, xt).expand_as(xt)
+            log_variance = self._coef_broadcast(self._fixed_log_variance_table(), t, xt).expand_as(xt)
         else:
             frac = (var_output + 1.0) / 2.0
-            max_log = self._coef("log_betas", t, xt)
-            min_log = self._coef("posterior_log_variance_clipped", t, xt)
+            max_log = self._coef_broadcast("log_betas", t, xt)
+            min_log = self._coef_broadcast("posterior_log_variance_clipped", t, xt)
             log_variance = frac * max_log + (1.0 - frac) * min_log
         pred_x0 = self.predict_x0(mean_output, xt, t)
         if clip_denoised:
@@ -401,14 +405,14 @@ class DDPMScheduler(diffusers.DDPMScheduler):
 
     def snr(self, t: Tensor) -> Tensor:
         """Signal-to-noise ratio SNR(t) = abar_t / (1 - abar_t) at timesteps t (B,); float32 on t's device."""
-        return self._per_sample("snr", t).float()
+        return self._coef_per_sample("snr", t).float()
 
-    def _x0_error_scale(self, t: Tensor) -> Tensor:
+    def _x0_error_per_target_error(self, t: Tensor) -> Tensor:
         """(d x_0 / d target)^2 at fixed x_t: the factor turning the target's squared error into x_0's.
 
         epsilon: (1 - abar_t) / abar_t = 1 / SNR,   sample: 1,   v_prediction: 1 - abar_t = 1 / (SNR + 1)
         """
-        snr = self._per_sample("snr", t)
+        snr = self._coef_per_sample("snr", t)
         prediction_type = self._prediction_type()
         if prediction_type == "epsilon":
             return 1.0 / snr
@@ -457,11 +461,11 @@ class DDPMScheduler(diffusers.DDPMScheduler):
         if weighting == "min_snr":
             if snr_gamma <= 0:
                 raise ValueError(f"snr_gamma must be positive, got {snr_gamma}")
-            weights = self._per_sample("snr", t).clamp(max=snr_gamma) * self._x0_error_scale(t)
+            weights = self._coef_per_sample("snr", t).clamp(max=snr_gamma) * self._x0_error_per_target_error(t)
         elif weighting == "vlb":
-            coef1 = self._per_sample("posterior_mean_coef1", t)
-            log_variance = self._per_sample(self._fixed_log_variance_table(), t)
-            weights = 0.5 * coef1**2 * torch.exp(-log_variance) * self._x0_error_scale(t)
+            coef1 = self._coef_per_sample("posterior_mean_coef1", t)
+            log_variance = self._coef_per_sample(self._fixed_log_variance_table(), t)
+            weights = 0.5 * coef1**2 * torch.exp(-log_variance) * self._x0_error_per_target_error(t)
         else:
             raise ValueError(f"unknown loss weighting {weighting!r}; valid: {', '.join(LOSS_WEIGHTINGS)}")
         return weights.float()
@@ -508,21 +512,21 @@ class DDPMScheduler(diffusers.DDPMScheduler):
     # Variational bound, in bits per dimension
     # ------------------------------------------------------------------------------------------------------
 
-    def _vlb_terms_and_prediction(
+    def _vlb_terms_and_reverse(
         self, model_output: Tensor, x0: Tensor, xt: Tensor, t: Tensor, clip_denoised: bool
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """`vlb_terms` and the p_mean_variance dict it was computed from."""
+        """`vlb_terms` and the reverse step p(x_{t-1} | x_t) (`p_mean_variance`'s dict) it was computed from."""
         dtype = _compute_dtype(model_output, x0, xt)
         model_output, x0, xt = model_output.to(dtype), x0.to(dtype), xt.to(dtype)
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x0, xt, t)
-        out = self.p_mean_variance(model_output, xt, t, clip_denoised=clip_denoised)
+        reverse = self.p_mean_variance(model_output, xt, t, clip_denoised=clip_denoised)
         # L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0 ...
-        kl_nats = normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])
+        kl_nats = normal_kl(true_mean, true_log_variance, reverse["mean"], reverse["log_variance"])
         kl = mean_flat(kl_nats) / math.log(2.0)
         # ... and L_0 = -log p(x_0 | x_1), the discretised Gaussian decoder with std exp(log_variance / 2).
-        log_likelihood = discretized_gaussian_log_likelihood(x0, out["mean"], 0.5 * out["log_variance"])
+        log_likelihood = discretized_gaussian_log_likelihood(x0, reverse["mean"], 0.5 * reverse["log_variance"])
         decoder_nll = -mean_flat(log_likelihood) / math.log(2.0)
-        return torch.where(t.to(kl.device) == 0, decoder_nll, kl), out
+        return torch.where(t.to(kl.device) == 0, decoder_nll, kl), reverse
 
     def vlb_terms(
         self, model_output: Tensor, x0: Tensor, xt: Tensor, t: Tensor, clip_denoised: bool = True
@@ -538,7 +542,7 @@ class DDPMScheduler(diffusers.DDPMScheduler):
         reverse process, so both are bounds, but only bounds with the same setting are comparable. Computed and
         returned in float32 or wider.
         """
-        return self._vlb_terms_and_prediction(model_output, x0, xt, t, clip_denoised)[0]
+        return self._vlb_terms_and_reverse(model_output, x0, xt, t, clip_denoised)[0]
 
     def prior_bpd(self, x0: Tensor) -> Tensor:
         """L_T = KL(q(x_T | x_0) || N(0, I)) per sample (B,) in bits per dimension (float32 or wider).
@@ -595,12 +599,12 @@ class DDPMScheduler(diffusers.DDPMScheduler):
             )
             x0_rep = x0.repeat(len(chunk), *([1] * (x0.ndim - 1)))
             xt = self.q_sample(x0_rep, t, noise)
-            vb, out = self._vlb_terms_and_prediction(model_fn(xt, t), x0_rep, xt, t, clip_denoised)
-            eps = self.eps_from_x0(xt, t, out["pred_x0"])
+            vb, reverse = self._vlb_terms_and_reverse(model_fn(xt, t), x0_rep, xt, t, clip_denoised)
+            eps = self.eps_from_x0(xt, t, reverse["pred_x0"])
             columns = torch.tensor(chunk, device=x0.device)
             for key, value in (
                 ("vb", vb),
-                ("xstart_mse", mean_flat((out["pred_x0"] - x0_rep) ** 2)),
+                ("xstart_mse", mean_flat((reverse["pred_x0"] - x0_rep) ** 2)),
                 ("mse", mean_flat((eps - noise) ** 2)),
             ):
                 results[key][:, columns] = value.reshape(len(chunk), batch).T
@@ -608,9 +612,10 @@ class DDPMScheduler(diffusers.DDPMScheduler):
         results["total_bpd"] = results["prior_bpd"] + results["vb"].sum(dim=1)
         return results
 
-    def nll_bits_per_dim(
+    def vlb_bits_per_dim(
         self, model_fn: Callable[[Tensor, Tensor], Tensor], x0: Tensor, **kwargs: Any
     ) -> Tensor:
-        """Per-sample negative ELBO in bits/dim (B,), an upper bound on -log2 p(x0) / D: `calc_bpd_loop`'s
-        "total_bpd". kwargs (generator, timestep_batch, progress, clip_denoised) are passed to it."""
+        """The variational bound of a batch (B,) in bits/dim: the negative ELBO, an upper bound on
+        -log2 p(x0) / D, i.e. `calc_bpd_loop`'s "total_bpd". kwargs (generator, timestep_batch, progress,
+        clip_denoised) are passed to it."""
         return self.calc_bpd_loop(model_fn, x0, **kwargs)["total_bpd"]

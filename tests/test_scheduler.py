@@ -495,7 +495,7 @@ def test_bpd_loop_decomposes_and_does_not_depend_on_the_timestep_batch():
     total = results[0]["prior_bpd"] + results[0]["vb"].sum(dim=1)
     torch.testing.assert_close(results[0]["total_bpd"], total)
     torch.testing.assert_close(results[0]["prior_bpd"], scheduler.prior_bpd(x0))
-    nll = scheduler.nll_bits_per_dim(
+    nll = scheduler.vlb_bits_per_dim(
         model_fn, x0, generator=torch.Generator().manual_seed(0), timestep_batch=7
     )
     torch.testing.assert_close(nll, results[0]["total_bpd"], rtol=1e-6, atol=1e-6)
@@ -525,7 +525,7 @@ def test_bound_clamps_pred_x0_in_every_term_by_default_and_matches_the_closed_fo
         return torch.from_numpy(prediction).repeat(len(t) // len(x0), 1, 1, 1)
 
     def bound(**kwargs):
-        return scheduler.nll_bits_per_dim(model_fn, x0_, generator=torch.Generator().manual_seed(1), **kwargs)
+        return scheduler.vlb_bits_per_dim(model_fn, x0_, generator=torch.Generator().manual_seed(1), **kwargs)
 
     np.testing.assert_allclose(bound().numpy(), closed_form(np.clip(prediction, -1, 1)), rtol=1e-6)
     np.testing.assert_allclose(bound(clip_denoised=True, timestep_batch=7).numpy(), bound().numpy(), rtol=1e-9)
@@ -562,4 +562,4 @@ def test_nll_of_an_oracle_denoiser_is_the_decoder_floor_and_beats_a_zero_model()
         perfect["total_bpd"].numpy(), decoder + perfect["prior_bpd"].numpy(), rtol=1e-6
     )
     assert perfect["total_bpd"].item() < 1.5
-    assert scheduler.nll_bits_per_dim(zero, x0, **kwargs).item() > perfect["total_bpd"].item() + 5.0
+    assert scheduler.vlb_bits_per_dim(zero, x0, **kwargs).item() > perfect["total_bpd"].item() + 5.0

@@ -12,9 +12,9 @@ from torch import Tensor
 
 # Half the width of one 8-bit bin on the [-1, 1] scale.
 _HALF_BIN = 1.0 / 255.0
-# Values beyond +-_EDGE are the first/last of the 256 levels (-1 and 1); the nearest inner levels are
+# Values beyond +-_EDGE_THRESHOLD are the first/last of the 256 levels (-1 and 1); the nearest inner levels are
 # -1 + 2/255 = -0.99216... and its mirror, so any threshold in between would do.
-_EDGE = 0.999
+_EDGE_THRESHOLD = 0.999
 
 
 def mean_flat(x: Tensor) -> Tensor:
@@ -41,8 +41,9 @@ def normal_kl(
     return 0.5 * (logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + mean_term - 1.0)
 
 
-def _log_normal_interval(lower: Tensor, upper: Tensor) -> Tensor:
-    """log(Phi(upper) - Phi(lower)) for finite lower < upper (Phi: standard normal CDF), without cancellation.
+def _log_standard_normal_mass(lower: Tensor, upper: Tensor) -> Tensor:
+    """log P(lower < Z < upper) = log(Phi(upper) - Phi(lower)) for Z ~ N(0, 1) and finite lower < upper,
+    without cancellation.
 
     Subtracting two CDF values close to 1 loses every digit, so an interval that lies mostly above 0 is
     reflected first, Phi(b) - Phi(a) = Phi(-a) - Phi(-b), and the difference is taken in log space:
@@ -90,7 +91,7 @@ def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Te
     # Inner bins need both edges; the edge bins are one-sided, log Phi(upper) and log(1 - Phi(lower)).
     # All three are computed from finite values and selected afterwards, so no inf/NaN reaches the gradient.
     return torch.where(
-        x < -_EDGE,
+        x < -_EDGE_THRESHOLD,
         torch.special.log_ndtr(upper),
-        torch.where(x > _EDGE, torch.special.log_ndtr(-lower), _log_normal_interval(lower, upper)),
+        torch.where(x > _EDGE_THRESHOLD, torch.special.log_ndtr(-lower), _log_standard_normal_mass(lower, upper)),
     )

@@ -9,7 +9,7 @@ DDPMScheduler config loads into this class. What it adds is what training and ev
     reverse process     p(x_{t-1} | x_t) = N(mu_theta, Sigma_theta)            p_mean_variance
     parameterisations   epsilon / x_0 ("sample") / v                           predict_x0, predict_eps, ...
     training objective  weighted MSE (+ improved-diffusion's hybrid VLB)       training_loss, loss_weights
-    variational bound   L_T + sum_{t>1} L_{t-1} + L_0 in bits/dim              vlb_terms, calc_bpd_loop
+    variational bound   L_T + sum_{t>1} L_{t-1} + L_0 in bits/dim              vlb_terms, vlb_bits_per_dim, ...
 
 Notation: T = config.num_train_timesteps, and a timestep index t in {0, ..., T-1} is the paper's step t + 1,
 so `t = 0` is the last denoising step (x_1 -> x_0 in the paper) whose bound term is the decoder NLL.
@@ -408,7 +408,7 @@ class DDPMScheduler(diffusers.DDPMScheduler):
         return self._coef_per_sample("snr", t).float()
 
     def _x0_error_per_target_error(self, t: Tensor) -> Tensor:
-        """(d x_0 / d target)^2 at fixed x_t: the factor turning the target's squared error into x_0's.
+        """s_t = (d x_0 / d target)^2 at fixed x_t, per sample (B,): x_0's squared error per unit of the target's.
 
         epsilon: (1 - abar_t) / abar_t = 1 / SNR,   sample: 1,   v_prediction: 1 - abar_t = 1 / (SNR + 1)
         """
@@ -421,51 +421,34 @@ class DDPMScheduler(diffusers.DDPMScheduler):
         return 1.0 / (snr + 1.0)
 
     def loss_weights(self, t: Tensor, weighting: str, snr_gamma: float = 5.0) -> Tensor:
-        """Per-sample weights (B,) of the MSE between model output and `training_target`; float32, t's device.
+        """Per-sample weights lambda_t (B,) of the target MSE in `training_loss`; float32 on t's device.
 
-        mse is the mean over C, H, W of (output - target)^2. The error of the implied x_0 prediction,
-        e0 = mean (pred_x0 - x_0)^2, is s_t * mse with s_t = (d x_0 / d target)^2 at fixed x_t:
-        1/SNR (epsilon), 1 (sample), 1/(SNR+1) (v_prediction). The weightings:
+            uniform   lambda_t = 1                           L_simple (Ho et al. 2020, eq. 14)
+            min_snr   lambda_t = min(SNR_t, gamma) s_t       Min-SNR-gamma (Hang et al. 2023)
+            vlb       lambda_t = c_t^2 s_t / (2 sigma_t^2)   L_{t-1} of the bound (Ho et al. 2020, eq. 5 and 12)
 
-        "uniform": 1 -- Ho et al.'s L_simple for epsilon prediction (the plain MSE for the other targets).
+        s_t = (d x_0 / d target)^2 at fixed x_t turns the target's squared error into x_0's (1/SNR_t for
+        epsilon, 1 for sample, 1/(SNR_t + 1) for v), c_t = beta_t sqrt(abar_{t-1}) / (1 - abar_t) is x_0's
+        coefficient in mu~_t, and sigma_t^2 the fixed reverse variance of config.variance_type.
 
-        "min_snr": min(SNR_t, gamma) * s_t (Hang et al. 2023), an x_0-space weight of min(SNR_t, gamma):
-            epsilon  min(SNR, gamma) / SNR
-            sample   min(SNR, gamma)
-            v        min(SNR, gamma) / (SNR + 1)
-            For gamma >= max SNR it is exactly the uniform weighting of epsilon prediction.
-
-        "vlb": the weight for which weight * mse is the KL term L_{t-1} of the variational bound in nats per
-            dimension, i.e. the KL summed over the D = C*H*W dims divided by D (divide by log 2 more for the
-            bits/dim of `vlb_terms`). For a fixed variance Sigma_t = sigma_t^2 I (config.variance_type
-            fixed_small or fixed_large), mu~_t - mu_theta = c_t (x_0 - pred_x0) with
-            c_t = beta_t sqrt(abar_{t-1}) / (1 - abar_t), so
-
-                KL per dim = const_t + c_t^2 / (2 sigma_t^2) * e0,    weight = c_t^2 s_t / (2 sigma_t^2):
-
-            epsilon  beta_t^2 / (2 sigma_t^2 alpha_t (1 - abar_t))       (Ho et al. eq. 12)
-            sample   beta_t^2 abar_{t-1} / (2 sigma_t^2 (1 - abar_t)^2)   [fixed_small: (SNR_{t-1} - SNR_t)/2]
-            v        beta_t^2 abar_{t-1} / (2 sigma_t^2 (1 - abar_t))
-
-            const_t = (r - 1 - log r) / 2 with r = beta~_t / sigma_t^2 does not depend on the model and is
-            left out (0 for fixed_small). At t = 0 the bound term is the discretised decoder NLL
-            -log p(x_0 | x_1), not a KL: there c_0 = 1 and sigma_0^2 = beta~_1 (the clipped decoder variance),
-            which makes weight * mse the Gaussian-density surrogate (x_0 - pred_x0)^2 / (2 sigma_0^2) that
-            ignores the 8-bit discretisation (`vlb_terms` has the exact term). learned_range has no fixed
-            sigma_t and raises ValueError.
-
-        Unknown weightings raise ValueError.
+        Notes:
+            "vlb" makes lambda_t * mse the KL term L_{t-1} in nats per dimension, less a constant that does not
+            depend on the model (0 for fixed_small); at t = 0 it is the Gaussian-density surrogate of the
+            decoder NLL, without the 8-bit discretisation of `vlb_terms`. It needs a fixed variance:
+            learned_range raises ValueError, as do unknown weightings. Derivations and the closed form of each
+            weight per target: docs/training_objective.md.
         """
         if weighting == "uniform":
             return torch.ones(t.shape, dtype=torch.float32, device=t.device)
         if weighting == "min_snr":
             if snr_gamma <= 0:
                 raise ValueError(f"snr_gamma must be positive, got {snr_gamma}")
-            weights = self._coef_per_sample("snr", t).clamp(max=snr_gamma) * self._x0_error_per_target_error(t)
+            snr = self._coef_per_sample("snr", t)
+            weights = snr.clamp(max=snr_gamma) * self._x0_error_per_target_error(t)
         elif weighting == "vlb":
-            coef1 = self._coef_per_sample("posterior_mean_coef1", t)
-            log_variance = self._coef_per_sample(self._fixed_log_variance_table(), t)
-            weights = 0.5 * coef1**2 * torch.exp(-log_variance) * self._x0_error_per_target_error(t)
+            c = self._coef_per_sample("posterior_mean_coef1", t)
+            log_sigma2 = self._coef_per_sample(self._fixed_log_variance_table(), t)
+            weights = 0.5 * c**2 * torch.exp(-log_sigma2) * self._x0_error_per_target_error(t)
         else:
             raise ValueError(f"unknown loss weighting {weighting!r}; valid: {', '.join(LOSS_WEIGHTINGS)}")
         return weights.float()
@@ -480,33 +463,33 @@ class DDPMScheduler(diffusers.DDPMScheduler):
         snr_gamma: float = 5.0,
         vlb_lambda: float = 0.001,
     ) -> Tensor:
-        """Per-sample training loss (B,) for the model output at x_t = q_sample(x0, t, noise).
+        """Per-sample loss (B,) of the model output at x_t = q_sample(x0, t, noise): Ho et al. 2020's weighted
+        denoising MSE, plus Nichol & Dhariwal 2021's L_hybrid bound term (sec. 3.1) for learned_range.
 
-            loss = loss_weights(t) * mean_{C,H,W} (output[:, :C] - training_target(x0, noise, t))^2
-                   [+ vlb_lambda * T * vlb_terms(output, mean half detached, x0, x_t, t, clip_denoised=False)]
+            loss = lambda_t * mean_{C,H,W} (output[:, :C] - target)^2  [+ vlb_lambda * T * L_t]
 
-        The bracketed term is added for variance_type "learned_range" (2C output channels): it is
-        improved-diffusion's L_hybrid = L_simple + lambda * L_vlb (Nichol & Dhariwal 2021, lambda = 0.001),
-        with L_vlb = sum_t L_t estimated by T * L_t at the sampled t and L_t in bits per dimension (mean over
-        C, H, W / log 2), so with T = 1000 the term is exactly improved-diffusion's "vb" loss. Detaching the
-        mean half makes the VLB train only the variance. The VLB term recomputes x_t with `q_sample`, so feed
-        the model that x_t (the parent's float32 `add_noise` differs by ~1e-6). Multiply by a timestep
-        sampler's importance weights outside.
+        lambda_t = `loss_weights(t, loss_weighting, snr_gamma)`, target = `training_target(x0, noise, t)`, and
+        the bracket, for learned_range only, is the bound term L_t = `vlb_terms` in bits/dim of the output with
+        its mean half detached and clip_denoised=False.
 
-        Computed in float32 (or float64 for float64 inputs) even when the model output is bf16/fp16; returns
-        that dtype.
+        Notes:
+            T * L_t is a one-sample estimate of L_vlb = sum_t L_t, so with T = 1000 the bracket is exactly
+            improved-diffusion's "vb" loss; the detached mean lets the bound train only the variance. L_t
+            recomputes x_t with `q_sample`: feed the model that x_t (the parent's float32 `add_noise` differs by
+            ~1e-6). Multiply by a timestep sampler's importance weights outside. Computed in float32 (float64
+            for float64 inputs) even when the output is bf16/fp16; returns that dtype.
         """
         dtype = _compute_dtype(model_output, x0, noise)
         model_output, x0, noise = model_output.to(dtype), x0.to(dtype), noise.to(dtype)
         mean_output, var_output = self._split_model_output(model_output, x0)
         mse = mean_flat((mean_output - self.training_target(x0, noise, t)) ** 2)
         loss = self.loss_weights(t, loss_weighting, snr_gamma).to(mse) * mse
-        if var_output is not None:
-            frozen_output = torch.cat([mean_output.detach(), var_output], dim=1)
-            # the training term stays unclipped, as in improved-diffusion's training_losses
-            vlb = self.vlb_terms(frozen_output, x0, self.q_sample(x0, t, noise), t, clip_denoised=False)
-            loss = loss + vlb_lambda * self.config.num_train_timesteps * vlb
-        return loss
+        if var_output is None:
+            return loss
+        xt = self.q_sample(x0, t, noise)
+        detached_mean_output = torch.cat([mean_output.detach(), var_output], dim=1)
+        vlb = self.vlb_terms(detached_mean_output, x0, xt, t, clip_denoised=False)
+        return loss + vlb_lambda * self.config.num_train_timesteps * vlb
 
     # ------------------------------------------------------------------------------------------------------
     # Variational bound, in bits per dimension

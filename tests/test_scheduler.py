@@ -464,21 +464,25 @@ def test_decoder_term_is_the_discretised_gaussian_nll():
     np.testing.assert_allclose(terms, expected, rtol=1e-8)
 
 
-def test_prior_bpd_is_the_kl_to_the_standard_normal():
-    x0, _, _, _ = noisy_batch(shape=(3, 3, 4, 4))
+def prior_kl_bits(x0: np.ndarray) -> np.ndarray:
+    """KL(N(sqrt(abar_{T-1}) x0, 1 - abar_{T-1}) || N(0, 1)) per sample, bits/dim, written out."""
     ab = ALPHAS_CUMPROD[-1]
     kl = 0.5 * (-1.0 - np.log(1.0 - ab) + (1.0 - ab) + ab * x0**2)
-    expected = kl.mean(axis=(1, 2, 3)) / np.log(2)
+    return kl.mean(axis=(1, 2, 3)) / np.log(2)
+
+
+def test_prior_bpd_is_the_kl_to_the_standard_normal():
+    x0, _, _, _ = noisy_batch(shape=(3, 3, 4, 4))
     np.testing.assert_allclose(
-        short_scheduler().prior_bpd(torch.from_numpy(x0)).numpy(), expected, rtol=1e-10
+        short_scheduler().prior_bpd(torch.from_numpy(x0)).numpy(), prior_kl_bits(x0), rtol=1e-10
     )
 
 
-def test_bpd_loop_decomposes_and_does_not_depend_on_the_timestep_batch():
+def test_bpd_loop_does_not_depend_on_the_timestep_batch():
     scheduler = short_scheduler(variance_type="learned_range")
     x0 = torch.from_numpy(noisy_batch(shape=(2, 3, 4, 4))[0]).float()
 
-    def model_fn(xt, t):  # any deterministic function of (x_t, t)
+    def model_fn(xt, t):  # any deterministic function of (x_t, t): the result depends on the noise
         scale = (t.float() / T).view(-1, 1, 1, 1)
         return torch.cat([0.5 * xt * scale, torch.tanh(xt) * (1 - scale)], dim=1)
 
@@ -492,13 +496,55 @@ def test_bpd_loop_decomposes_and_does_not_depend_on_the_timestep_batch():
     for other in results[1:]:
         for key, value in results[0].items():
             torch.testing.assert_close(other[key], value, rtol=1e-6, atol=1e-6)
-    total = results[0]["prior_bpd"] + results[0]["vb"].sum(dim=1)
-    torch.testing.assert_close(results[0]["total_bpd"], total)
-    torch.testing.assert_close(results[0]["prior_bpd"], scheduler.prior_bpd(x0))
-    nll = scheduler.vlb_bits_per_dim(
-        model_fn, x0, generator=torch.Generator().manual_seed(0), timestep_batch=7
-    )
-    torch.testing.assert_close(nll, results[0]["total_bpd"], rtol=1e-6, atol=1e-6)
+
+
+def test_bound_of_a_denoiser_off_by_a_known_offset_is_the_closed_form():
+    # One known image; the model returns the true noise plus a fixed offset delta and a fixed variance channel v.
+    # Then pred_x0 = x0 - k_t delta, k_t = sqrt(1 / abar_t - 1), whatever the noise, and every term is closed form.
+    x0 = noisy_batch(seed=12, shape=(2, 3, 4, 4))[0]
+    rng = np.random.default_rng(13)
+    delta = 0.05 * rng.standard_normal(x0.shape)
+    v = rng.uniform(-1.0, 1.0, x0.shape)
+    alphas_cumprod = torch.from_numpy(ALPHAS_CUMPROD)
+
+    def model_fn(xt, t):
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        x0_, delta_, v_ = (torch.from_numpy(z).repeat(len(t) // len(x0), 1, 1, 1) for z in (x0, delta, v))
+        true_eps = (xt - a.sqrt() * x0_) / (1.0 - a).sqrt()
+        return torch.cat([true_eps + delta_, v_], dim=1)
+
+    scheduler = short_scheduler(variance_type="learned_range")
+    kwargs = {"generator": torch.Generator().manual_seed(2), "timestep_batch": 7, "clip_denoised": False}
+    results = scheduler.calc_bpd_loop(model_fn, torch.from_numpy(x0), **kwargs)
+
+    # Nichol & Dhariwal's interpolation: log sigma_t^2 = frac log beta_t + (1 - frac) log beta~_t, frac = (v + 1) / 2,
+    # with beta~_0 = 0 replaced by beta~_1.
+    frac = (v + 1.0) / 2.0
+    vb = np.empty((2, T))
+    for t in range(T):
+        k = np.sqrt(1.0 / ALPHAS_CUMPROD[t] - 1.0)
+        log_sigma2 = frac * np.log(BETAS[t]) + (1.0 - frac) * np.log(POSTERIOR_VARIANCE[max(t, 1)])
+        if t == 0:  # decoder: the 8-bit bin of x0 under N(pred_x0, sigma_0^2), the edge bins open-ended
+            dist = stats.norm(x0 - k * delta, np.exp(0.5 * log_sigma2))
+            upper = np.where(x0 > 0.999, np.inf, x0 + 1 / 255)
+            lower = np.where(x0 < -0.999, -np.inf, x0 - 1 / 255)
+            nats = -np.log(dist.cdf(upper) - dist.cdf(lower))
+        else:  # KL(N(mu~_t, beta~_t) || N(mu~_t - c_t k_t delta, sigma_t^2)), c_t = x0's coefficient in mu~_t
+            c = BETAS[t] * np.sqrt(ALPHAS_CUMPROD_PREV[t]) / (1.0 - ALPHAS_CUMPROD[t])
+            ratio = POSTERIOR_VARIANCE[t] / np.exp(log_sigma2)
+            nats = 0.5 * (ratio - 1.0 - np.log(ratio) + (c * k * delta) ** 2 / np.exp(log_sigma2))
+        vb[:, t] = nats.mean(axis=(1, 2, 3)) / np.log(2)
+    np.testing.assert_allclose(results["vb"].numpy(), vb, rtol=1e-8)
+    np.testing.assert_allclose(results["prior_bpd"].numpy(), prior_kl_bits(x0), rtol=1e-10)
+    np.testing.assert_allclose(results["total_bpd"].numpy(), prior_kl_bits(x0) + vb.sum(axis=1), rtol=1e-8)
+    # The implied eps is off by delta at every t, the implied x0 by k_t delta.
+    delta_mse = (delta**2).mean(axis=(1, 2, 3))
+    np.testing.assert_allclose(results["mse"].numpy(), np.tile(delta_mse[:, None], (1, T)), rtol=1e-8)
+    x0_mse = delta_mse[:, None] * (1.0 / ALPHAS_CUMPROD - 1.0)
+    np.testing.assert_allclose(results["xstart_mse"].numpy(), x0_mse, rtol=1e-8)
+    kwargs["generator"] = torch.Generator().manual_seed(2)
+    bound = scheduler.vlb_bits_per_dim(model_fn, torch.from_numpy(x0), **kwargs)
+    np.testing.assert_allclose(bound.numpy(), prior_kl_bits(x0) + vb.sum(axis=1), rtol=1e-8)
 
 
 def test_bound_clamps_pred_x0_in_every_term_by_default_and_matches_the_closed_form():
@@ -558,8 +604,8 @@ def test_nll_of_an_oracle_denoiser_is_the_decoder_floor_and_beats_a_zero_model()
     half_bin = stats.norm.cdf(1 / 255 / sigma)
     probability = np.where(np.abs(x) > 0.999, half_bin, 2 * half_bin - 1)
     decoder = -np.log2(probability).mean()
-    np.testing.assert_allclose(
-        perfect["total_bpd"].numpy(), decoder + perfect["prior_bpd"].numpy(), rtol=1e-6
-    )
+    ab_last = np.prod(1.0 - betas)  # L_T = KL(N(sqrt(abar) x0, 1 - abar) || N(0, 1))
+    prior = 0.5 * (-1.0 - np.log(1.0 - ab_last) + (1.0 - ab_last) + ab_last * x**2).mean() / np.log(2)
+    np.testing.assert_allclose(perfect["total_bpd"].numpy(), decoder + prior, rtol=1e-6)
     assert perfect["total_bpd"].item() < 1.5
     assert scheduler.vlb_bits_per_dim(zero, x0, **kwargs).item() > perfect["total_bpd"].item() + 5.0

@@ -17,6 +17,7 @@ from hf_ddpm import feature_extractors as fe
 from hf_ddpm import metrics as M
 from hf_ddpm.data import digits_images, digits_labels
 from hf_ddpm.digits_classifier import DEFAULT_CONFIG, DEFAULT_WEIGHTS, heldout_split
+from hf_ddpm.feature_extractors import resize_bilinear_tf1
 
 
 def _gaussian(n: int, dim: int, seed: int, shift: float = 0.0) -> np.ndarray:
@@ -148,21 +149,35 @@ def test_class_histogram_entropy_and_confidence():
 # -------------------------------------------------------------------------------------------------------- resizing
 
 
-def test_tf1_bilinear_resize_matches_the_tf_formula():
-    image = torch.arange(5 * 7, dtype=torch.float32).reshape(1, 1, 5, 7) ** 1.5
-    out = fe.resize_bilinear_tf1(image, 11)
-    expected = torch.empty(11, 11)
-    for i in range(11):
-        for j in range(11):
-            y, x = i * 5 / 11, j * 7 / 11  # TF 1.x: no half-pixel offset
-            y0, x0 = int(y), int(x)
-            y1, x1 = min(y0 + 1, 4), min(x0 + 1, 6)
-            top = image[0, 0, y0, x0] + (image[0, 0, y0, x1] - image[0, 0, y0, x0]) * (x - x0)
-            bottom = image[0, 0, y1, x0] + (image[0, 0, y1, x1] - image[0, 0, y1, x0]) * (x - x0)
-            expected[i, j] = top + (bottom - top) * (y - y0)
-    torch.testing.assert_close(out[0, 0], expected, rtol=1e-5, atol=1e-3)
+def test_tf1_bilinear_resize_on_hand_worked_images():
+    # TF 1.x samples source coordinate s_i = i * n_in / n_out (no half-pixel offset), and a neighbour past the
+    # last pixel is clamped to it. 2 -> 4: s = 0, 1/2, 1, 3/2, so a row [a, b] becomes [a, (a + b)/2, b, b].
+    image = torch.tensor([[0.0, 4.0], [8.0, 20.0]]).reshape(1, 1, 2, 2)
+    expected = torch.tensor(
+        [[0.0, 2.0, 4.0, 4.0], [4.0, 8.0, 12.0, 12.0], [8.0, 14.0, 20.0, 20.0], [8.0, 14.0, 20.0, 20.0]]
+    )
+    torch.testing.assert_close(resize_bilinear_tf1(image, 4)[0, 0], expected)
+    # 2 -> 3: s = 0, 2/3, 4/3, so [a, b] becomes [a, a/3 + 2b/3, b].
+    image = torch.tensor([[0.0, 3.0], [3.0, 12.0]]).reshape(1, 1, 2, 2)
+    expected = torch.tensor([[0.0, 2.0, 3.0], [2.0, 20.0 / 3.0, 9.0], [3.0, 9.0, 12.0]])
+    torch.testing.assert_close(resize_bilinear_tf1(image, 3)[0, 0], expected)
+    # 3 -> 2: s = 0, 3/2, so [a, b, c] becomes [a, (b + c)/2]: the first pixel is dropped from the average.
+    image = torch.tensor([[1.0, 2.0, 6.0], [3.0, 5.0, 7.0], [9.0, 0.0, 4.0]]).reshape(1, 1, 3, 3)
+    torch.testing.assert_close(resize_bilinear_tf1(image, 2)[0, 0], torch.tensor([[1.0, 4.0], [6.0, 4.0]]))
+
+
+def test_tf1_bilinear_resize_is_exact_on_affine_images():
+    # Bilinear interpolation reproduces f(y, x) = a + b y + c x at the source point, clamped to the last pixel.
+    rng = np.random.default_rng(3)
+    a, b, c = (rng.normal(size=(2, 3, 1, 1)) for _ in range(3))
+    rows, cols = np.arange(5).reshape(5, 1), np.arange(7).reshape(1, 7)
+    image = torch.from_numpy(a + b * rows + c * cols).float()
+    s = np.arange(11)
+    y, x = np.minimum(s * 5 / 11, 4).reshape(11, 1), np.minimum(s * 7 / 11, 6).reshape(1, 11)
+    expected = torch.from_numpy(a + b * y + c * x).float()
+    torch.testing.assert_close(resize_bilinear_tf1(image, 11), expected, rtol=0, atol=1e-5)
     square = image[..., :5]
-    torch.testing.assert_close(fe.resize_bilinear_tf1(square, 5), square)  # same size: identity
+    torch.testing.assert_close(resize_bilinear_tf1(square, 5), square)  # same size: identity
 
 
 def test_pil_resize_works_in_float():

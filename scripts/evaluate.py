@@ -25,7 +25,7 @@ from diffusers.utils import logging as diffusers_logging
 
 from hf_ddpm.cli import run_cli
 from hf_ddpm.evaluation import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES, METRICS, evaluate
-from hf_ddpm.feature_extractors import DINOV2_DEFAULT, INCEPTION_WEIGHTS_FILE
+from hf_ddpm.evaluation.feature_extractors import DINOV2_DEFAULT, INCEPTION_WEIGHTS_FILE
 from hf_ddpm.sampling import SAMPLERS
 
 

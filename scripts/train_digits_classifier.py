@@ -15,7 +15,12 @@ import sys
 from pathlib import Path
 
 from hf_ddpm.cli import run_cli
-from hf_ddpm.digits_classifier import DEFAULT_CONFIG, DEFAULT_WEIGHTS, save_digits_classifier, train_digits_classifier
+from hf_ddpm.evaluation.digits_classifier import (
+    DEFAULT_CONFIG,
+    DEFAULT_WEIGHTS,
+    save_digits_classifier,
+    train_digits_classifier,
+)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,8 +19,8 @@ from transformers import Dinov2Config, Dinov2Model
 
 from hf_ddpm import evaluation
 from hf_ddpm.data import digits_images, load_image_dataset
-from hf_ddpm.evaluation import evaluate, evaluate_pipeline, extract_features
-from hf_ddpm.feature_extractors import DINOv2Features, FeatureExtractor, MissingWeightsError
+from hf_ddpm.evaluation import evaluate, evaluate_pipeline, evaluator, extract_features
+from hf_ddpm.evaluation.feature_extractors import DINOv2Features, FeatureExtractor, MissingWeightsError
 from hf_ddpm.pipeline import DDPMPipeline
 from hf_ddpm.presets import build_unet
 from hf_ddpm.sampling import image_generators
@@ -195,12 +195,12 @@ def test_evaluate_pipeline_for_the_training_loop(saved_model, tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     pipeline = DDPMPipeline.from_pretrained(saved_model)
     reference = load_image_dataset(resolution=8, channels=1, max_train_samples=200)
-    evaluation._MEMORY_STATS.clear()
+    evaluator._MEMORY_STATS.clear()
     for _ in range(2):
         values = evaluate_pipeline(pipeline, "digits", 70, "ddim", 2, 0, reference, None)
         assert set(values) == {"digits_confidence", "digits_class_entropy", "digits_fd", "digits_fd_real_halves"}
         assert values["digits_confidence"] < 0.5  # an untrained model draws noise
-    assert len(evaluation._MEMORY_STATS) == 1  # the reference was embedded once
+    assert len(evaluator._MEMORY_STATS) == 1  # the reference was embedded once
     assert list(tmp_path.iterdir()) == []  # no files written
 
 

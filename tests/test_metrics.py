@@ -13,10 +13,10 @@ import scipy.stats
 import torch
 from transformers import Dinov2Config, Dinov2Model
 
-from hf_ddpm import feature_extractors as fe
-from hf_ddpm import metrics as M
 from hf_ddpm.data import digits_images, digits_labels
-from hf_ddpm.digits_classifier import DEFAULT_CONFIG, DEFAULT_WEIGHTS, heldout_split
+from hf_ddpm.evaluation import feature_extractors as fe
+from hf_ddpm.evaluation import metrics as M
+from hf_ddpm.evaluation.digits_classifier import DEFAULT_CONFIG, DEFAULT_WEIGHTS, heldout_split
 
 
 def _gaussian(n: int, dim: int, seed: int, shift: float = 0.0) -> np.ndarray:

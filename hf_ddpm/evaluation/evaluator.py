@@ -49,10 +49,10 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object
 
-from hf_ddpm import metrics as M
 from hf_ddpm.checkpointing import write_json
 from hf_ddpm.data import BUILTIN_DIGITS, ImageDataset, load_image_dataset
-from hf_ddpm.feature_extractors import DINOV2_DEFAULT, FeatureExtractor, build_feature_extractor
+from hf_ddpm.evaluation import metrics as M
+from hf_ddpm.evaluation.feature_extractors import DINOV2_DEFAULT, FeatureExtractor, build_feature_extractor
 from hf_ddpm.model_card import REFERENCE_ONLY_VALUES, write_model_card
 from hf_ddpm.pipeline import DDPMPipeline
 from hf_ddpm.sampling import default_steps, generate, image_generators, load_images, load_pipeline

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from huggingface_hub import constants as hub_constants
 from torch import nn
 
-from hf_ddpm.digits_classifier import DEFAULT_CONFIG, DEFAULT_WEIGHTS, RESOLUTION, load_digits_classifier
+from hf_ddpm.evaluation.digits_classifier import DEFAULT_CONFIG, DEFAULT_WEIGHTS, RESOLUTION, load_digits_classifier
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 PYTORCH_FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"

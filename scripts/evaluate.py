@@ -11,7 +11,7 @@
 Results are merged into MODEL/eval_results.json (or --output), each with the sampler, steps, number of images,
 seed (and for NLL batch size and x_0 clipping) that reproduce it, and MODEL's model card is re-rendered unless it
 was edited by hand; every process computes the same numbers, the main process writes and prints them. Metric
-details, caching and the held-out options: hf_ddpm/evaluation.py.
+details, caching and the held-out options: hf_ddpm/evaluation/.
 """
 
 from __future__ import annotations

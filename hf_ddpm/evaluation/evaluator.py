@@ -1,38 +1,11 @@
-"""Evaluate a DDPM: sample quality (FID, KID, IS, FD_DINOv2, the offline digits metric) and NLL in bits/dim.
-
-    >>> from hf_ddpm.evaluation import evaluate
-    >>> results = evaluate("output", metrics=["digits", "nll"], num_samples=1000, sampler="dpmsolver++")
-    >>> sorted(results)                 # also merged into output/eval_results.json, shown on output/README.md
-    ['digits_class_entropy', 'digits_confidence', 'digits_fd', 'digits_fd_real_halves', 'nll_bpd']
+"""The evaluation driver: samples (generated or read), reference images, feature extractors and the metrics'
+values, spread over accelerate processes; what `evaluate` and `evaluate_pipeline` run.
 
 `evaluate` generates samples with `hf_ddpm.sampling.generate` (or reads them), runs the feature extractors of
-`hf_ddpm.feature_extractors` on samples and reference images, computes the metrics of `hf_ddpm.metrics`, merges
-the results into `eval_results.json` (`result_entries`: each value with what reproduces it) and re-renders the
-model card. `evaluate_pipeline` is the same without files,
-for the training loop's `--eval_every`.
-
-Metrics (names for `metrics`) and the values they report:
-
-* fid -> "fid", kid -> "kid" (mean over subsets), inception_score -> "inception_score" (mean over 10 splits):
-  TF-Inception features / logits. fd_dinov2 -> "fd_dinov2": DINOv2 ViT-B/14 CLS features.
-* digits -> "digits_confidence" (fraction of samples whose top softmax probability is > 0.9),
-  "digits_class_entropy" (entropy of the predicted-class histogram / log 10; 1 = all digits equally often),
-  "digits_fd" (Fréchet distance of the digits classifier's penultimate features, samples vs reference) and
-  "digits_fd_real_halves" (the same between two random halves of the reference: a floor for digits_fd; with
-  N/2 images per half it carries more finite-sample bias than digits_fd, so read it as an order of magnitude).
-* nll -> "nll_bpd": the negative variational bound in bits/dim (all T terms plus the prior, Ho et al. eq. 5 with
-  the discretised decoder) averaged over the first `num_samples` reference images. By default every term clamps
-  the predicted x_0 to [-1, 1] before forming the posterior mean, as the DDPM paper's code and improved-diffusion
-  report NLL (`nll_clip_denoised=False`: the unclipped bound); eval_results.json records which. Evaluate held-out
-  images: `split="test"`, or `heldout_last=N` for the last N rows of a split (the built-in digits have a single split:
-  train with `--max_train_samples 1797-N`, evaluate with `heldout_last=N`).
-
-Work is spread over accelerate processes: samples by `generate`; feature extraction and NLL in fixed global
-batches, process p taking a contiguous run of them, gathered in order. Each batch is computed exactly as in a
-single process (NLL noise is seeded per batch), so the results do not depend on the number of processes.
-Reference statistics are cached as .npz (mu, sigma, features) in `stats_cache_dir` (default
-~/.cache/hf_ddpm/stats), keyed by extractor, dataset, config, split, resolution, channels, rows and the dataset's
-content fingerprint; they are always computed from un-augmented pixels (`ImageDataset.pixels`).
+`hf_ddpm.evaluation.feature_extractors` on samples and reference images, computes the metrics of
+`hf_ddpm.evaluation.metrics` and saves the results with `hf_ddpm.evaluation.results` (eval_results.json and the
+model card). `evaluate_pipeline` is the same without files, for the training loop's `--eval_every`. The metrics
+and the values they report: see `hf_ddpm.evaluation`.
 """
 
 from __future__ import annotations
@@ -49,11 +22,20 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object
 
-from hf_ddpm.checkpointing import write_json
-from hf_ddpm.data import BUILTIN_DIGITS, ImageDataset, load_image_dataset
-from hf_ddpm.evaluation import metrics as M
+from hf_ddpm.data import ImageDataset, load_image_dataset
 from hf_ddpm.evaluation.feature_extractors import DINOV2_DEFAULT, FeatureExtractor, build_feature_extractor
-from hf_ddpm.model_card import REFERENCE_ONLY_VALUES, write_model_card
+from hf_ddpm.evaluation.metrics import (
+    DEFAULT_STATS_CACHE,
+    FeatureStats,
+    check_enough_samples,
+    class_histogram_entropy,
+    confident_fraction,
+    frechet_distance,
+    inception_score,
+    kernel_inception_distance,
+    stats_cache_path,
+)
+from hf_ddpm.evaluation.results import RESULTS_FILE, dataset_label, result_entries, save_results, split_label
 from hf_ddpm.pipeline import DDPMPipeline
 from hf_ddpm.sampling import default_steps, generate, image_generators, load_images, load_pipeline
 from hf_ddpm.scheduler import DDPMScheduler
@@ -64,14 +46,11 @@ EXTRACTOR_OF = {"fid": "inception", "kid": "inception", "inception_score": "ince
                 "digits": "digits"}  # fmt: skip
 # Metrics that fit a Gaussian to the samples' features, so need more samples than feature dimensions.
 _FRECHET = ("fid", "fd_dinov2", "digits")
-RESULTS_FILE = "eval_results.json"
 DEFAULT_NUM_SAMPLES = 1000
 DEFAULT_BATCH_SIZE = 64
 CONFIDENCE_THRESHOLD = 0.9
-# A new result replaces an old one with the same key; clipped and unclipped NLL are different results.
-_RESULT_KEY = ("metric", "sampler", "num_inference_steps", "clip_denoised", "dataset", "split")
 # In-memory reference statistics for evaluate_pipeline, which writes no files.
-_MEMORY_STATS: dict[str, M.FeatureStats] = {}
+_MEMORY_STATS: dict[str, FeatureStats] = {}
 
 
 def check_metrics(metrics: Sequence[str]) -> list[str]:
@@ -181,7 +160,7 @@ def reference_stats(
     labels: Mapping[str, Any] | None = None,
     batch_size: int = 64,
     accelerator: accelerate.Accelerator | None = None,
-) -> M.FeatureStats:
+) -> FeatureStats:
     """Feature statistics of reference `rows`, from the cache or computed (un-augmented pixels) and cached.
 
     The key holds the extractor's name, the dataset's content fingerprint, resolution, channels and rows, plus
@@ -201,14 +180,14 @@ def reference_stats(
         memory_key = json.dumps(key, sort_keys=True, default=str)
         if memory_key not in _MEMORY_STATS:
             features = extract_features(extractor, reference, rows, batch_size, accelerator)["features"]
-            _MEMORY_STATS[memory_key] = M.FeatureStats.from_features(features)
+            _MEMORY_STATS[memory_key] = FeatureStats.from_features(features)
         return _MEMORY_STATS[memory_key]
-    path = M.stats_cache_path(cache_dir, key)
+    path = stats_cache_path(cache_dir, key)
     found = [path.is_file()]
     if all(gather_object(found) if accelerator and accelerator.num_processes > 1 else found):
-        return M.FeatureStats.load(path)
+        return FeatureStats.load(path)
     features = extract_features(extractor, reference, rows, batch_size, accelerator)["features"]
-    stats = M.FeatureStats.from_features(features)
+    stats = FeatureStats.from_features(features)
     if _is_main(accelerator):
         stats.save(path, metadata=key)
     return stats
@@ -228,12 +207,12 @@ def _check_sizes(
             sets.append(("reference images per half (for digits_fd_real_halves)", num_reference // 2))
         for what, count in sets:
             try:
-                M.check_enough_samples(count, dim, what)
+                check_enough_samples(count, dim, what)
             except ValueError as err:
                 raise ValueError(f"{metric}: {err}") from None
 
 
-def _compute(
+def _compute_metrics(
     metrics: Sequence[str],
     *,
     samples: torch.Tensor | None,
@@ -255,7 +234,7 @@ def _compute(
         for kind in dict.fromkeys(EXTRACTOR_OF[m] for m in metrics if m != "nll")
     }
 
-    def ref(kind: str) -> M.FeatureStats:
+    def ref(kind: str) -> FeatureStats:
         return reference_stats(
             extractors[kind], reference, rows, cache_dir=stats_cache_dir, labels=labels, batch_size=batch_size,
             accelerator=accelerator,
@@ -265,17 +244,17 @@ def _compute(
     for metric in metrics:
         outputs = sample_outputs.get(EXTRACTOR_OF.get(metric, ""))
         if metric in ("fid", "fd_dinov2"):
-            fake = M.FeatureStats.from_features(outputs["features"])
-            results[metric] = M.frechet_distance(fake, ref(EXTRACTOR_OF[metric]))
+            fake = FeatureStats.from_features(outputs["features"])
+            results[metric] = frechet_distance(fake, ref(EXTRACTOR_OF[metric]))
         elif metric == "kid":
-            results["kid"] = M.kernel_inception_distance(outputs["features"], ref("inception").features, seed=seed)[0]
+            results["kid"] = kernel_inception_distance(outputs["features"], ref("inception").features, seed=seed)[0]
         elif metric == "inception_score":
-            results["inception_score"] = M.inception_score(outputs["logits"])[0]
+            results["inception_score"] = inception_score(outputs["logits"])[0]
         elif metric == "digits":
             real = ref("digits")
-            results["digits_confidence"] = M.confident_fraction(outputs["logits"], CONFIDENCE_THRESHOLD)
-            results["digits_class_entropy"] = M.class_histogram_entropy(outputs["logits"])
-            results["digits_fd"] = M.frechet_distance(M.FeatureStats.from_features(outputs["features"]), real)
+            results["digits_confidence"] = confident_fraction(outputs["logits"], CONFIDENCE_THRESHOLD)
+            results["digits_class_entropy"] = class_histogram_entropy(outputs["logits"])
+            results["digits_fd"] = frechet_distance(FeatureStats.from_features(outputs["features"]), real)
             results["digits_fd_real_halves"] = _real_halves_distance(real.features, seed)
         elif metric == "nll":
             nll = nll_bits_per_dim(
@@ -289,8 +268,8 @@ def _real_halves_distance(features: np.ndarray, seed: int) -> float:
     """Fréchet distance between two random halves of the reference features (a permutation seeded by `seed`)."""
     order = np.random.default_rng(seed).permutation(len(features))
     half = len(features) // 2
-    first = M.FeatureStats.from_features(features[order[:half]])
-    return M.frechet_distance(first, M.FeatureStats.from_features(features[order[half : 2 * half]]))
+    first = FeatureStats.from_features(features[order[:half]])
+    return frechet_distance(first, FeatureStats.from_features(features[order[half : 2 * half]]))
 
 
 def _device(accelerator: accelerate.Accelerator | None) -> torch.device:
@@ -365,7 +344,7 @@ def evaluate_pipeline(
             pipeline, num_samples, sampler=sampler, num_inference_steps=num_inference_steps, seed=seed,
             batch_size=batch_size, accelerator=accelerator, progress=False,
         )  # fmt: skip
-    return _compute(
+    return _compute_metrics(
         metrics, samples=samples, reference=reference, rows=range(len(reference)), pipeline=pipeline,
         extractors=extractors, num_samples=num_samples, batch_size=batch_size, seed=seed, stats_cache_dir=None,
         labels=None, accelerator=accelerator, nll_clip_denoised=nll_clip_denoised,
@@ -380,69 +359,6 @@ def _training_dataset(folder: Path | None) -> dict[str, Any]:
     config = json.loads(summary.read_text()).get("config", {})
     names = ("dataset_name", "dataset_config_name", "train_data_dir", "image_column", "center_crop", "cache_dir")
     return {name: config[name] for name in names if name in config}
-
-
-def dataset_label(dataset_name: str | None, train_data_dir: str | None) -> str:
-    """The "dataset" of an eval_results.json entry: the folder, else the dataset name, else the built-in digits."""
-    return train_data_dir or dataset_name or BUILTIN_DIGITS
-
-
-def split_label(split: str, first: int | None = None, last: int | None = None) -> str:
-    """The "split" of an entry, in datasets' slicing notation: "train", "train[:N]" (first N), "train[-N:]"."""
-    if first is not None:
-        return f"{split}[:{first}]"
-    return f"{split}[-{last}:]" if last is not None else split
-
-
-def result_entries(
-    results: Mapping[str, float],
-    *,
-    sampler: str | None,
-    num_inference_steps: int | None,
-    num_samples: int,
-    num_reference: int,
-    seed: int,
-    batch_size: int,
-    nll_clip_denoised: bool,
-    dataset: str,
-    split: str,
-) -> list[dict[str, Any]]:
-    """The eval_results.json entries of `results` ({value name: value}), each with what reproduces it.
-
-    Every entry has metric, value, sampler, num_inference_steps, num_samples, seed, batch_size, clip_denoised,
-    dataset and split. Sample metrics record the sampler and steps that made their `num_samples` samples (None:
-    scored from saved samples of unrecorded origin); nll_bpd and digits_fd_real_halves use reference images only,
-    so their sampler and steps are None and num_samples counts the reference images used. batch_size and
-    clip_denoised change the NLL (its noise is seeded per batch) and are None for every other value.
-    """
-    counts = {"nll_bpd": min(num_samples, num_reference), "digits_fd_real_halves": num_reference}
-    sampling = {"sampler": sampler, "num_inference_steps": num_inference_steps}
-    nll_setup = {"batch_size": batch_size, "clip_denoised": nll_clip_denoised}
-    return [
-        {
-            "metric": metric,
-            "value": value,
-            **{key: None if metric in REFERENCE_ONLY_VALUES else v for key, v in sampling.items()},
-            "num_samples": counts.get(metric, num_samples),
-            "seed": seed,
-            **{key: v if metric == "nll_bpd" else None for key, v in nll_setup.items()},
-            "dataset": dataset,
-            "split": split,
-        }
-        for metric, value in results.items()
-    ]
-
-
-def merge_eval_results(path: str | Path, entries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Write `entries` into the eval_results.json at `path`, replacing earlier entries with the same
-    (metric, sampler, num_inference_steps, clip_denoised, dataset, split); returns the file's new list of results."""
-    path = Path(path)
-    old = json.loads(path.read_text()).get("results", []) if path.is_file() else []
-    new_keys = {tuple(entry[k] for k in _RESULT_KEY) for entry in entries}
-    merged = [e for e in old if tuple(e.get(k) for k in _RESULT_KEY) not in new_keys] + [dict(e) for e in entries]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, {"results": merged})
-    return merged
 
 
 def _sample_size(sample_size: int | Sequence[int]) -> int:
@@ -557,10 +473,10 @@ def evaluate(
         )  # fmt: skip
     dataset = dataset_label(dataset_args["dataset_name"], dataset_args["train_data_dir"])
     rows_label = split_label(split, last=heldout_last)
-    results = _compute(
+    results = _compute_metrics(
         metrics, samples=samples, reference=reference, rows=rows, pipeline=pipeline, extractors=extractors,
         num_samples=n, batch_size=batch_size, seed=seed,
-        stats_cache_dir=stats_cache_dir if stats_cache_dir is not None else M.DEFAULT_STATS_CACHE,
+        stats_cache_dir=stats_cache_dir if stats_cache_dir is not None else DEFAULT_STATS_CACHE,
         labels={"dataset": dataset, "config": dataset_args["dataset_config_name"], "split": rows_label},
         accelerator=accelerator, nll_clip_denoised=nll_clip_denoised,
     )  # fmt: skip
@@ -573,10 +489,7 @@ def evaluate(
             results, sampler=setup[0], num_inference_steps=setup[1], num_samples=n, num_reference=len(rows),
             seed=seed, batch_size=batch_size, nll_clip_denoised=nll_clip_denoised, dataset=dataset, split=rows_label,
         )  # fmt: skip
-        merge_eval_results(output_json, entries)
-        card_reads_it = folder is not None and Path(output_json).resolve() == (folder / RESULTS_FILE).resolve()
-        if update_model_card and card_reads_it:
-            write_model_card(folder)
+        save_results(output_json, entries, model_folder=folder if update_model_card else None)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return results

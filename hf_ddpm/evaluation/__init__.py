@@ -1,13 +1,16 @@
 """Evaluate a DDPM: sample quality (FID, KID, IS, FD_DINOv2, the offline digits metric) and NLL in bits/dim.
 
-    >>> from hf_ddpm.evaluation import evaluate
-    >>> results = evaluate("output", metrics=["digits", "nll"], num_samples=1000, sampler="dpmsolver++")
+    >>> from hf_ddpm.evaluation import EvaluationArguments, evaluate
+    >>> from hf_ddpm.sampling import SamplingArguments
+    >>> measure = EvaluationArguments(metrics="digits,nll", num_images=1000)
+    >>> results = evaluate("output", measure, SamplingArguments(sampler="dpmsolver++"))
     >>> sorted(results)                 # also merged into output/eval_results.json, shown on output/README.md
     ['digits_class_entropy', 'digits_confidence', 'digits_fd', 'digits_fd_real_halves', 'nll_bpd']
 
 The modules, one job each:
 
-* `evaluator`: `evaluate` (a saved model, what scripts/evaluate.py runs) and `evaluate_pipeline` (a pipeline in
+* `evaluator`: `evaluate` (a saved model, what scripts/evaluate.py runs, configured by `EvaluationArguments`,
+  `hf_ddpm.sampling.SamplingArguments` and `hf_ddpm.data.DataArguments`) and `evaluate_pipeline` (a pipeline in
   memory, for `--eval_every`): samples, reference images, features and NLL over accelerate processes.
 * `metrics`: Fréchet distance, KID, Inception Score and the digits summaries on plain feature arrays.
 * `feature_extractors`: the networks behind them, uint8 images in, features out; `inception`: the TF-Inception
@@ -25,25 +28,24 @@ Metrics (names for `metrics`) and the values they report:
   "digits_fd_real_halves" (the same between two random halves of the reference: a floor for digits_fd; with
   N/2 images per half it carries more finite-sample bias than digits_fd, so read it as an order of magnitude).
 * nll -> "nll_bpd": the negative variational bound in bits/dim (all T terms plus the prior, Ho et al. eq. 5 with
-  the discretised decoder) averaged over the first `num_samples` reference images. By default every term clamps
+  the discretised decoder) averaged over the first `--num_images` reference images. By default every term clamps
   the predicted x_0 to [-1, 1] before forming the posterior mean, as the DDPM paper's code and improved-diffusion
-  report NLL (`nll_clip_denoised=False`: the unclipped bound); eval_results.json records which. Evaluate held-out
-  images: `split="test"`, or `heldout_last=N` for the last N rows of a split (the built-in digits have a single split:
-  train with `--max_train_samples 1797-N`, evaluate with `heldout_last=N`).
+  report NLL (`--no_nll_clip_denoised`: the unclipped bound); eval_results.json records which. Evaluate held-out
+  images: `--split test`, or `--heldout_last N` for the last N rows of a split (the built-in digits have a single
+  split: train with `--max_train_samples 1797-N`, evaluate with `--heldout_last N`).
 
 Work is spread over accelerate processes: samples by `generate`; feature extraction and NLL in fixed global
 batches, process p taking a contiguous run of them, gathered in order. Each batch is computed exactly as in a
 single process (NLL noise is seeded per batch), so the results do not depend on the number of processes.
-Reference statistics are cached as .npz (mu, sigma, features) in `stats_cache_dir` (default
+Reference statistics are cached as .npz (mu, sigma, features) in `--stats_cache_dir` (default
 ~/.cache/hf_ddpm/stats), keyed by extractor, dataset, config, split, resolution, channels, rows and the dataset's
 content fingerprint; they are always computed from un-augmented pixels (`ImageDataset.pixels`).
 """
 
 from hf_ddpm.evaluation.evaluator import (
     DEFAULT_BATCH_SIZE,
-    DEFAULT_NUM_SAMPLES,
     METRICS,
-    check_metrics,
+    EvaluationArguments,
     distributed_batches,
     evaluate,
     evaluate_pipeline,
@@ -55,16 +57,14 @@ from hf_ddpm.evaluation.results import (
     dataset_label,
     merge_eval_results,
     result_entries,
-    save_results,
     split_label,
 )
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
-    "DEFAULT_NUM_SAMPLES",
     "METRICS",
+    "EvaluationArguments",
     "RESULTS_FILE",
-    "check_metrics",
     "dataset_label",
     "distributed_batches",
     "evaluate",
@@ -73,6 +73,5 @@ __all__ = [
     "merge_eval_results",
     "nll_bits_per_dim",
     "result_entries",
-    "save_results",
     "split_label",
 ]

@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,14 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object
 
-from hf_ddpm.data import ImageDataset, load_image_dataset
-from hf_ddpm.evaluation.feature_extractors import DINOV2_DEFAULT, FeatureExtractor, build_feature_extractor
+from hf_ddpm.arguments import check_positive
+from hf_ddpm.data import DataArguments, ImageDataset, load_data
+from hf_ddpm.evaluation.feature_extractors import (
+    DINOV2_DEFAULT,
+    INCEPTION_WEIGHTS_FILE,
+    FeatureExtractor,
+    build_feature_extractor,
+)
 from hf_ddpm.evaluation.metrics import (
     DEFAULT_STATS_CACHE,
     FeatureStats,
@@ -37,7 +44,14 @@ from hf_ddpm.evaluation.metrics import (
 )
 from hf_ddpm.evaluation.results import RESULTS_FILE, dataset_label, result_entries, save_results, split_label
 from hf_ddpm.pipeline import DDPMPipeline
-from hf_ddpm.sampling import default_steps, generate, image_generators, load_images, load_pipeline
+from hf_ddpm.sampling import (
+    SamplingArguments,
+    default_steps,
+    generate,
+    image_generators,
+    load_images,
+    load_pipeline,
+)
 from hf_ddpm.scheduler import DDPMScheduler
 
 METRICS = ("fid", "kid", "inception_score", "fd_dinov2", "nll", "digits")
@@ -47,7 +61,7 @@ EXTRACTOR_OF = {"fid": "inception", "kid": "inception", "inception_score": "ince
 # Metrics that fit a Gaussian to the samples' features, so need more samples than feature dimensions.
 _FRECHET = ("fid", "fd_dinov2", "digits")
 DEFAULT_NUM_SAMPLES = 1000
-DEFAULT_BATCH_SIZE = 64
+DEFAULT_BATCH_SIZE = SamplingArguments.batch_size
 CONFIDENCE_THRESHOLD = 0.9
 # In-memory reference statistics for evaluate_pipeline, which writes no files.
 _MEMORY_STATS: dict[str, FeatureStats] = {}
@@ -59,6 +73,49 @@ def check_metrics(metrics: Sequence[str]) -> list[str]:
     if unknown or not metrics:
         raise ValueError(f"unknown metric(s) {unknown or list(metrics)}; valid metrics: {', '.join(METRICS)}")
     return list(dict.fromkeys(metrics))
+
+
+@dataclass
+class EvaluationArguments:
+    """What scripts/evaluate.py measures and where the results go; `SamplingArguments` draw the samples and
+    `DataArguments` name the reference images."""
+
+    metrics: str = field(default="digits", metadata={"help": f"comma-separated, from {', '.join(METRICS)}"})
+    num_images: int | None = field(
+        default=None,
+        metadata={"aliases": ["--num_samples"],
+                  "help": f"images to generate (default {DEFAULT_NUM_SAMPLES}) or read from --samples (default all); "
+                  "nll scores the first N reference images (--num_samples is the old name)"},
+    )  # fmt: skip
+    samples: str | None = field(
+        default=None, metadata={"help": "score these samples (PNG folder or .npz) instead of generating"}
+    )
+    heldout_last: int | None = field(default=None, metadata={"help": "use only the last N images of the split"})
+    channels: int | None = field(default=None, metadata={"help": "reference image channels (default: the model's)"})
+    nll_clip_denoised: bool = field(
+        default=True,
+        metadata={"help": "nll: clamp the predicted x_0 to [-1, 1] in every term, as the DDPM paper and "
+                  "improved-diffusion report NLL (--no_nll_clip_denoised: the bound of the raw x_0 prediction)"},
+    )  # fmt: skip
+    inception_weights: str | None = field(
+        default=None, metadata={"help": f"{INCEPTION_WEIGHTS_FILE} (default: the torch hub cache)"}
+    )
+    dinov2_model: str = field(default=DINOV2_DEFAULT, metadata={"help": "Hub id or local folder"})
+    stats_cache_dir: str | None = field(
+        default=None, metadata={"help": "reference statistics (default ~/.cache/hf_ddpm/stats)"}
+    )
+    output: str | None = field(default=None, metadata={"help": "results JSON (default: MODEL/eval_results.json)"})
+    model_card: bool = field(
+        default=True, metadata={"help": "re-render MODEL/README.md when the results go to MODEL/eval_results.json"}
+    )
+    metric_names: list[str] = field(init=False, repr=False)  # --metrics as a list, de-duplicated in order
+
+    def __post_init__(self) -> None:
+        try:
+            self.metric_names = check_metrics([name.strip() for name in self.metrics.split(",") if name.strip()])
+        except ValueError as err:
+            raise ValueError(f"--metrics: {err}") from None
+        check_positive(self, ("num_images", "heldout_last"))
 
 
 def _rank_world(accelerator: accelerate.Accelerator | None) -> tuple[int, int]:
@@ -367,130 +424,91 @@ def _sample_size(sample_size: int | Sequence[int]) -> int:
 
 def evaluate(
     model: str,
+    evaluation: EvaluationArguments | None = None,
+    sampling: SamplingArguments | None = None,
+    data: DataArguments | None = None,
     *,
-    metrics: Sequence[str],
-    num_samples: int | None = None,
-    sampler: str | None = None,
-    num_inference_steps: int | None = None,
-    seed: int = 0,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    nll_clip_denoised: bool = True,
-    samples_path: str | Path | None = None,
-    dataset_name: str | None = None,
-    dataset_config_name: str | None = None,
-    split: str = "train",
-    train_data_dir: str | None = None,
-    image_column: str | None = None,
-    resolution: int | None = None,
-    channels: int | None = None,
-    center_crop: bool = True,
-    cache_dir: str | None = None,
-    heldout_last: int | None = None,
-    inception_weights: str | Path | None = None,
-    dinov2_model: str = DINOV2_DEFAULT,
-    stats_cache_dir: str | Path | None = None,
     accelerator: accelerate.Accelerator | None = None,
-    output_json: str | Path | None = None,
-    update_model_card: bool = True,
     feature_extractors: Mapping[str, FeatureExtractor] | None = None,
-    allow_pickle: bool = False,
 ) -> dict[str, float]:
-    """Evaluate `model` (a pipeline folder or Hub id) on `metrics`; returns {value name: value} on every process.
+    """Evaluate `model` (a pipeline folder or Hub id) as scripts/evaluate.py does; returns {value name: value} on
+    every process.
 
-    Args:
-        metrics: names from `METRICS` (see the module docstring for what each reports).
-        num_samples: images to generate (default 1000), or the first N of `samples_path` (default all); nll
-            scores the first `num_samples` reference images.
-        sampler, num_inference_steps, seed, batch_size: as `hf_ddpm.sampling.generate` (sampler default "ddpm").
-        nll_clip_denoised: clamp the predicted x_0 to [-1, 1] in every term of the NLL bound (the paper's way,
-            default); recorded as the entry's "clip_denoised".
-        samples_path: read samples (a folder of PNGs or an .npz, see `sampling.load_images`) instead of generating.
-        dataset_name ... cache_dir: the reference images, as `hf_ddpm.data.load_image_dataset`; when neither
-            dataset_name nor train_data_dir is given, those of the run's training_summary.json, else the built-in
-            digits. resolution / channels default to the model's (or the samples').
-        heldout_last: use only the last N rows of the split as reference (held-out images for nll).
-        inception_weights, dinov2_model: where the FID Inception and DINOv2 weights come from.
-        stats_cache_dir: reference statistics cache (default ~/.cache/hf_ddpm/stats).
-        accelerator: spread sampling, feature extraction and NLL over its processes.
-        output_json: where to merge the results (default MODEL/eval_results.json when MODEL is a local folder;
-            nothing is written for a Hub id without output_json). Only the main process writes.
-        update_model_card: re-render MODEL/README.md when the results went to MODEL/eval_results.json (a card
-            edited by hand is kept, see `write_model_card`).
-        feature_extractors: ready extractors by kind ("inception", "dinov2", "digits") instead of the standard ones.
-        allow_pickle: let `DDPMPipeline.from_pretrained` load .bin weights (trusted sources only).
+    `evaluation` says what to measure and where the results go, `sampling` how the samples are drawn (sampler
+    default "ddpm"; with `evaluation.samples`, how those were made, for the record), `data` the reference images
+    (when it names no dataset: those of the run's training_summary.json, else the built-in digits; resolution and
+    channels default to the model's, or the samples'). Defaults: the dataclasses' own. `accelerator` spreads
+    sampling, feature extraction and NLL over its processes; only the main process writes.
+    `feature_extractors`: ready extractors by kind ("inception", "dinov2", "digits") instead of the standard ones.
     """
-    metrics = check_metrics(metrics)
-    for name, value in (("num_samples", num_samples), ("batch_size", batch_size),
-                        ("num_inference_steps", num_inference_steps), ("heldout_last", heldout_last)):  # fmt: skip
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if seed < 0:
-        raise ValueError(f"seed must be non-negative, got {seed}")
+    evaluation = evaluation or EvaluationArguments()
+    sampling = sampling or SamplingArguments()
+    data = data or DataArguments()
+    metrics = evaluation.metric_names
     folder = Path(model) if Path(model).is_dir() else None
-    generating = samples_path is None and any(m != "nll" for m in metrics)
-    if generating:
-        steps = num_inference_steps or default_steps(sampler or "ddpm")  # also rejects unknown samplers
+    generating = evaluation.samples is None and any(m != "nll" for m in metrics)
+    sampler = sampling.sampler or "ddpm"
+    steps = sampling.num_inference_steps or default_steps(sampler)
     extractors = build_extractors(
-        metrics, feature_extractors=feature_extractors, inception_weights=inception_weights,
-        dinov2_model=dinov2_model, accelerator=accelerator,
+        metrics, feature_extractors=feature_extractors, inception_weights=evaluation.inception_weights,
+        dinov2_model=evaluation.dinov2_model, accelerator=accelerator,
     )  # fmt: skip
     pipeline = None
-    if samples_path is None or "nll" in metrics:
-        pipeline = load_pipeline(model, allow_pickle=allow_pickle).to(_device(accelerator))
+    if evaluation.samples is None or "nll" in metrics:
+        pipeline = load_pipeline(model, allow_pickle=sampling.allow_pickle).to(_device(accelerator))
     samples = None
-    if samples_path is not None:
-        samples = load_images(samples_path)
-        if num_samples is not None and num_samples > len(samples):
-            raise ValueError(f"num_samples is {num_samples} but {samples_path} holds only {len(samples)} images")
-        samples = samples[:num_samples]
-    n = len(samples) if samples is not None else num_samples or DEFAULT_NUM_SAMPLES
+    if evaluation.samples is not None:
+        samples = load_images(evaluation.samples)
+        if evaluation.num_images is not None and evaluation.num_images > len(samples):
+            raise ValueError(
+                f"--num_images is {evaluation.num_images} but --samples {evaluation.samples} holds only "
+                f"{len(samples)} images"
+            )
+        samples = samples[: evaluation.num_images]
+    n = len(samples) if samples is not None else evaluation.num_images or DEFAULT_NUM_SAMPLES
 
     config = pipeline.unet.config if pipeline is not None else None
     sample_channels = samples.shape[1] if samples is not None else config.in_channels
-    if resolution is None:
-        resolution = samples.shape[-1] if config is None else _sample_size(config.sample_size)
-    dataset_args = {"dataset_name": dataset_name, "dataset_config_name": dataset_config_name,
-                    "train_data_dir": train_data_dir, "image_column": image_column, "center_crop": center_crop,
-                    "cache_dir": cache_dir}  # fmt: skip
-    if dataset_name is None and train_data_dir is None:
-        dataset_args.update(_training_dataset(folder))
+    resolution = data.resolution or (samples.shape[-1] if config is None else _sample_size(config.sample_size))
+    if data.dataset_name is None and data.train_data_dir is None:
+        data = replace(data, **_training_dataset(folder))
     reference, rows = None, range(0)
+    heldout_last = evaluation.heldout_last
     if metrics != ["inception_score"]:
         with accelerator.main_process_first() if accelerator else contextlib.nullcontext():
-            reference = load_image_dataset(
-                **dataset_args, split=split, resolution=resolution, channels=channels or sample_channels
-            )
+            reference = load_data(data, resolution, evaluation.channels or sample_channels)
         if heldout_last is not None and heldout_last > len(reference):
-            raise ValueError(f"heldout_last is {heldout_last} but the reference split has {len(reference)} images")
+            raise ValueError(f"--heldout_last is {heldout_last} but the reference split has {len(reference)} images")
         rows = range(len(reference) - (heldout_last or len(reference)), len(reference))
         _check_channels(sample_channels, reference)
     _check_sizes(metrics, extractors, n, len(rows))
 
     if generating:
         samples = generate(
-            pipeline, n, sampler=sampler or "ddpm", num_inference_steps=steps, seed=seed, batch_size=batch_size,
-            accelerator=accelerator, progress=_is_main(accelerator),
+            pipeline, n, sampler=sampler, num_inference_steps=steps, seed=sampling.seed,
+            batch_size=sampling.batch_size, accelerator=accelerator, progress=_is_main(accelerator),
         )  # fmt: skip
-    dataset = dataset_label(dataset_args["dataset_name"], dataset_args["train_data_dir"])
-    rows_label = split_label(split, last=heldout_last)
+    dataset = dataset_label(data.dataset_name, data.train_data_dir)
+    rows_label = split_label(data.split, last=heldout_last)
+    stats_cache_dir = evaluation.stats_cache_dir if evaluation.stats_cache_dir is not None else DEFAULT_STATS_CACHE
     results = _compute_metrics(
         metrics, samples=samples, reference=reference, rows=rows, pipeline=pipeline, extractors=extractors,
-        num_samples=n, batch_size=batch_size, seed=seed,
-        stats_cache_dir=stats_cache_dir if stats_cache_dir is not None else DEFAULT_STATS_CACHE,
-        labels={"dataset": dataset, "config": dataset_args["dataset_config_name"], "split": rows_label},
-        accelerator=accelerator, nll_clip_denoised=nll_clip_denoised,
+        num_samples=n, batch_size=sampling.batch_size, seed=sampling.seed, stats_cache_dir=stats_cache_dir,
+        labels={"dataset": dataset, "config": data.dataset_config_name, "split": rows_label},
+        accelerator=accelerator, nll_clip_denoised=evaluation.nll_clip_denoised,
     )  # fmt: skip
 
+    output_json = evaluation.output
     if output_json is None and folder is not None:
         output_json = folder / RESULTS_FILE
     if output_json is not None and _is_main(accelerator):
-        setup = (sampler or "ddpm", steps) if generating else (sampler, num_inference_steps)
+        setup = (sampler, steps) if generating else (sampling.sampler, sampling.num_inference_steps)
         entries = result_entries(
             results, sampler=setup[0], num_inference_steps=setup[1], num_samples=n, num_reference=len(rows),
-            seed=seed, batch_size=batch_size, nll_clip_denoised=nll_clip_denoised, dataset=dataset, split=rows_label,
+            seed=sampling.seed, batch_size=sampling.batch_size, nll_clip_denoised=evaluation.nll_clip_denoised,
+            dataset=dataset, split=rows_label,
         )  # fmt: skip
-        save_results(output_json, entries, model_folder=folder if update_model_card else None)
+        save_results(output_json, entries, model_folder=folder if evaluation.model_card else None)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return results
-

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from hf_ddpm.evaluation import evaluate
+from hf_ddpm.evaluation import EvaluationArguments, evaluate
 from hf_ddpm.figures import metric_vs_steps_figure
-from hf_ddpm.sampling import SAMPLERS, default_steps, generate, load_pipeline, save_images
+from hf_ddpm.sampling import SAMPLERS, SamplingArguments, default_steps, generate, load_pipeline, save_images
 
 # DDPM-1000 first: the baseline of both ratios
 RUNS = [("ddpm", 1000)] + [(name, default_steps(name)) for name in SAMPLERS if name != "ddpm"] + [
@@ -47,8 +47,8 @@ def main() -> None:
             seconds = (time.perf_counter() - start) / args.num_samples
             baseline = baseline or seconds
             samples = save_images(images, Path(tmp) / f"{sampler}-{steps}.npz")
-            values = evaluate(args.model, metrics=["digits"], samples_path=samples, sampler=sampler,
-                              num_inference_steps=steps, seed=args.seed)  # fmt: skip
+            made_by = SamplingArguments(sampler=sampler, num_inference_steps=steps, seed=args.seed)
+            values = evaluate(args.model, EvaluationArguments("digits", samples=str(samples)), made_by)
             rows.append((sampler, steps, seconds, baseline / seconds, values))
             points.append({"sampler": sampler, "num_inference_steps": steps, "value": values["digits_fd"]})
             print(f"{sampler} {steps}: {seconds * 1e3:.1f} ms/image, {values}", flush=True)

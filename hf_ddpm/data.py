@@ -36,7 +36,7 @@ import hashlib
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,27 @@ _CODE_DIGEST = hashlib.sha256(Path(__file__).read_bytes()).hexdigest() + PIL.__v
 
 class DataError(ValueError):
     """A dataset problem found before training, with a one-line message that names the fix."""
+
+
+@dataclass
+class DataArguments:
+    """Which images, and how they are decoded: the training set of scripts/train.py (`TrainingArguments` adds the
+    training-only options) and the reference images of scripts/evaluate.py. `load_data` loads them."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": f"Hub dataset id, local dataset repo, save_to_disk folder, or {BUILTIN_DIGITS} (default; "
+                  "evaluate.py: the run's training data first)"},
+    )  # fmt: skip
+    dataset_config_name: str | None = field(default=None, metadata={"help": "dataset configuration name"})
+    split: str = field(default="train", metadata={"help": "dataset split (evaluate.py: e.g. test, for held-out NLL)"})
+    train_data_dir: str | None = field(default=None, metadata={"help": "a folder of image files instead"})
+    image_column: str | None = field(default=None, metadata={"help": "image column (found automatically if unset)"})
+    cache_dir: str | None = field(default=None, metadata={"help": "datasets cache directory"})
+    resolution: int | None = field(default=None, metadata={"help": "image size (default: the model's sample_size)"})
+    center_crop: bool = field(
+        default=True, metadata={"help": "centre-crop after resizing the short side (--no_center_crop: squash)"}
+    )
 
 
 def digits_images(resolution: int) -> np.ndarray:
@@ -210,6 +231,25 @@ def load_image_dataset(
     if num_skipped:
         logger.warning("skipped %d unreadable image(s) of %s (--skip_bad_images)", num_skipped, flag)
     return ImageDataset(data, channels, resolution, random_crop=random_crop, num_skipped=num_skipped)
+
+
+def load_data(
+    args: DataArguments,
+    resolution: int,
+    channels: int,
+    *,
+    random_crop: bool = False,
+    skip_bad_images: bool = False,
+    max_train_samples: int | None = None,
+) -> ImageDataset:
+    """The images `args` names, as `load_image_dataset` loads them, at the model's `resolution` (the caller
+    resolves `args.resolution`) and `channels`: the training set, with its training-only options, or evaluation's
+    reference images."""
+    options = {f.name: getattr(args, f.name) for f in fields(DataArguments) if f.name != "resolution"}
+    return load_image_dataset(
+        **options, resolution=resolution, channels=channels, random_crop=random_crop,
+        skip_bad_images=skip_bad_images, max_train_samples=max_train_samples,
+    )  # fmt: skip
 
 
 def _check_positive(name: str, value: Any) -> None:

@@ -51,7 +51,7 @@ _METRIC_LABELS = {
     "digits_fd_real_halves": "FD between two halves of the real digits (floor)",
 }
 # eval_results.json values computed from reference images alone: their entries have no sampler, and their
-# num_samples counts reference images (hf_ddpm.evaluation.result_entries writes them so).
+# num_samples counts reference images (hf_ddpm.evaluation.results.result_entries writes them so).
 REFERENCE_ONLY_VALUES = ("nll_bpd", "digits_fd_real_halves")
 # The `--metrics` name of scripts/evaluate.py that measures each value.
 _METRIC_FAMILY = {"nll_bpd": "nll", "digits_confidence": "digits", "digits_class_entropy": "digits",

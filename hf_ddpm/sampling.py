@@ -11,7 +11,8 @@ of processes:
     >>> save_images(images, "samples.png")                             # or "samples.npz", or a folder
 
 Image i is drawn from its own generator, seeded from (seed, i) alone (`image_generators`), and every
-scheduler used here takes its step noise from the generator list, image by image.
+scheduler used here takes its step noise from the generator list, image by image. `SamplingArguments` are the
+sampling flags of scripts/sample.py and scripts/evaluate.py; `sample_images` is what scripts/sample.py runs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import inspect
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from diffusers import (
 from diffusers.utils import make_image_grid
 
 from hf_ddpm import hub
+from hf_ddpm.arguments import check_positive
 from hf_ddpm.cli import one_line
 from hf_ddpm.pipeline import DDPMPipeline
 from hf_ddpm.scheduler import DDPMScheduler
@@ -391,3 +393,84 @@ def load_images(path: str | Path) -> torch.Tensor:
         raise ValueError(f"images in {path} differ in size: {sorted({a.shape for a in arrays})}")
     array = np.stack(arrays)
     return torch.from_numpy(array[..., None] if mode == "L" else array).permute(0, 3, 1, 2).contiguous()
+
+
+@dataclass
+class SamplingArguments:
+    """How images are drawn from a trained model: the options scripts/sample.py and scripts/evaluate.py share."""
+
+    sampler: str | None = field(
+        default=None,
+        metadata={"help": f"one of {', '.join(SAMPLERS)}; default: {RECOMMENDED_SAMPLER} for sample.py, ddpm for "
+                  "evaluate.py (which records none for --samples)"},
+    )  # fmt: skip
+    num_inference_steps: int | None = field(
+        default=None,
+        metadata={"help": "default: the sampler's (" + ", ".join(f"{n} {s.default_steps}" for n, s in SAMPLERS.items())
+                  + ")"},
+    )  # fmt: skip
+    seed: int = field(
+        default=0, metadata={"help": "image i is seeded from (seed, i); evaluate.py: also NLL noise and KID subsets"}
+    )
+    batch_size: int = field(default=64, metadata={"help": "images per network call on each process"})
+    allow_pickle: bool = field(
+        default=False, metadata={"help": "also load .bin (pickle) weights; only for trusted sources"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.sampler is not None:
+            try:
+                get_sampler(self.sampler)
+            except ValueError as err:
+                raise ValueError(f"--sampler: {err}") from None
+        check_positive(self, ("batch_size", "num_inference_steps"))
+        if self.seed < 0:
+            raise ValueError(f"--seed must be non-negative, got {self.seed}")
+
+
+@dataclass
+class SampleArguments(SamplingArguments):
+    """Every option of scripts/sample.py: `SamplingArguments`, how many images, where they go, the UNet's dtype."""
+
+    num_images: int = field(default=64, metadata={"help": "images to generate"})
+    output: str = field(default="samples.png", metadata={"help": "grid .png, .npz, or a folder of PNGs"})
+    mixed_precision: str | None = field(
+        default=None,
+        metadata={"help": "no, fp16 or bf16: fp16/bf16 load the UNet in that dtype on GPU; on CPU only bf16 "
+                  "(autocast) works. Default: what `accelerate launch`/`accelerate config` set, else no"},
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive(self, ("num_images",))
+        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
+            raise ValueError(f"--mixed_precision {self.mixed_precision!r} is not one of: no, fp16, bf16")
+
+
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def sample_images(model: str, args: SampleArguments) -> None:
+    """scripts/sample.py: `args.num_images` images of `model`, drawn by all processes of an `accelerate launch`
+    and written to `args.output` by the main process."""
+    accelerator = accelerate.Accelerator(mixed_precision=args.mixed_precision)
+    on_cpu = accelerator.device.type == "cpu"
+    if on_cpu and accelerator.mixed_precision == "fp16":
+        raise ValueError("fp16 needs a GPU; on a CPU use --mixed_precision bf16 (autocast) or no")
+    pipe = load_pipeline(model, allow_pickle=args.allow_pickle)
+    if not on_cpu and accelerator.mixed_precision in _DTYPES:
+        pipe.unet.to(dtype=_DTYPES[accelerator.mixed_precision])
+    pipe.to(accelerator.device)
+    sampler = args.sampler or RECOMMENDED_SAMPLER
+    steps = args.num_inference_steps or default_steps(sampler)
+    images = generate(
+        pipe, args.num_images, sampler=sampler, num_inference_steps=steps, seed=args.seed,
+        batch_size=args.batch_size, accelerator=accelerator,
+    )  # fmt: skip
+    if accelerator.is_main_process:
+        path = save_images(images, args.output)
+        print(
+            f"wrote {len(images)} images ({sampler}, {steps} steps, seed {args.seed}) "
+            f"made by {accelerator.num_processes} process(es) to {path}"
+        )
+    accelerator.end_training()

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from hf_ddpm import checkpointing, sampling
 from hf_ddpm.cli import register_user_error
-from hf_ddpm.data import BUILTIN_DIGITS, ImageDataset, load_image_dataset
+from hf_ddpm.data import BUILTIN_DIGITS, ImageDataset, load_data
 from hf_ddpm.hub import BackgroundPusher, push_options
 from hf_ddpm.pipeline import DDPMPipeline
 from hf_ddpm.presets import build_unet, learned_variance_unet
@@ -113,17 +113,11 @@ def load_training_data(args: TrainingArguments, unet: UNet2DModel) -> ImageDatas
             "no --dataset_name or --train_data_dir: training on %s (1,797 8x8 digits resized to %s px, %d channel(s))",
             BUILTIN_DIGITS, unet.config.sample_size, unet.config.in_channels,
         )  # fmt: skip
-    return load_image_dataset(
-        dataset_name=args.dataset_name,
-        dataset_config_name=args.dataset_config_name,
-        split=args.split,
-        train_data_dir=args.train_data_dir,
-        image_column=args.image_column,
-        resolution=unet.config.sample_size,
-        channels=unet.config.in_channels,
-        center_crop=args.center_crop,
+    return load_data(
+        args,
+        unet.config.sample_size,
+        unet.config.in_channels,
         random_crop=args.random_crop,
-        cache_dir=args.cache_dir,
         skip_bad_images=args.skip_bad_images,
         max_train_samples=args.max_train_samples,
     )

@@ -26,6 +26,7 @@ from accelerate.utils import is_wandb_available
 from diffusers.optimization import SchedulerType
 from transformers import HfArgumentParser
 
+from hf_ddpm.data import DataArguments
 from hf_ddpm.presets import get_preset, list_presets
 from hf_ddpm.sampling import RECOMMENDED_SAMPLER, SAMPLERS
 from hf_ddpm.scheduler import LOSS_WEIGHTINGS, PREDICTION_TYPES, VARIANCE_TYPES
@@ -55,7 +56,9 @@ EVAL_SCORE = {
 
 
 @dataclass
-class TrainingArguments:
+class TrainingArguments(DataArguments):
+    """Every option of scripts/train.py: the data of `DataArguments` (its fields come first), then the run's."""
+
     # Model
     preset: str = field(
         default="digits-16",
@@ -70,18 +73,7 @@ class TrainingArguments:
     allow_pickle: bool = field(
         default=False, metadata={"help": "also load .bin (pickle) weights of a --preset folder; trusted sources only"}
     )
-    # Data
-    dataset_name: str | None = field(
-        default=None,
-        metadata={"help": "Hub dataset id, local dataset repo, save_to_disk folder, or builtin:digits (default)"},
-    )
-    dataset_config_name: str | None = field(default=None, metadata={"help": "dataset configuration name"})
-    split: str = field(default="train", metadata={"help": "dataset split to train on"})
-    train_data_dir: str | None = field(default=None, metadata={"help": "a folder of image files to train on"})
-    image_column: str | None = field(default=None, metadata={"help": "image column (found automatically if unset)"})
-    cache_dir: str | None = field(default=None, metadata={"help": "datasets cache directory"})
-    resolution: int | None = field(default=None, metadata={"help": "image size (default: the preset's sample_size)"})
-    center_crop: bool = field(default=True, metadata={"help": "centre-crop after resizing the short side"})
+    # Data, beyond DataArguments: augmentation and the training-only options
     random_crop: bool = field(default=False, metadata={"help": "random instead of centre crop (augmentation)"})
     random_flip: bool = field(default=False, metadata={"help": "random horizontal flips (augmentation)"})
     skip_bad_images: bool = field(default=False, metadata={"help": "log and skip unreadable images instead of failing"})

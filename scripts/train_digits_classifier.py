@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Train the small CNN behind the offline `digits` metric and write its shipped weights and training record.
 
-    python scripts/train_digits_classifier.py                    # -> hf_ddpm/digits_classifier.{safetensors,json}
+    python scripts/train_digits_classifier.py            # -> hf_ddpm/evaluation/digits_classifier.{safetensors,json}
     python scripts/train_digits_classifier.py --output_dir /tmp/cls --seed 1
 
-Deterministic for a given seed and torch build (one CPU thread); about 20 s. See hf_ddpm/digits_classifier.py.
+Deterministic for a given seed and torch build (one CPU thread); about 20 s.
+See hf_ddpm/evaluation/digits_classifier.py.
 """
 
 from __future__ import annotations
@@ -15,7 +16,12 @@ import sys
 from pathlib import Path
 
 from hf_ddpm.cli import run_cli
-from hf_ddpm.digits_classifier import DEFAULT_CONFIG, DEFAULT_WEIGHTS, save_digits_classifier, train_digits_classifier
+from hf_ddpm.evaluation.digits_classifier import (
+    DEFAULT_CONFIG,
+    DEFAULT_WEIGHTS,
+    save_digits_classifier,
+    train_digits_classifier,
+)
 
 
 def main(argv: list[str] | None = None) -> None:

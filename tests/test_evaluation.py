@@ -19,11 +19,11 @@ from transformers import Dinov2Config, Dinov2Model
 
 from hf_ddpm import evaluation
 from hf_ddpm.data import digits_images, load_image_dataset
-from hf_ddpm.evaluation import evaluate, evaluate_pipeline, extract_features
-from hf_ddpm.feature_extractors import DINOv2Features, FeatureExtractor, MissingWeightsError
+from hf_ddpm.evaluation import EvaluationArguments, evaluate, evaluate_pipeline, evaluator, extract_features
+from hf_ddpm.evaluation.feature_extractors import DINOv2Features, FeatureExtractor, MissingWeightsError
 from hf_ddpm.pipeline import DDPMPipeline
 from hf_ddpm.presets import build_unet
-from hf_ddpm.sampling import image_generators
+from hf_ddpm.sampling import SamplingArguments, image_generators
 from hf_ddpm.scheduler import DDPMScheduler
 
 ENTRY_KEYS = {"metric", "value", "sampler", "num_inference_steps", "num_samples", "seed", "batch_size", "clip_denoised",
@@ -105,12 +105,12 @@ def test_nll_through_the_evaluation_path_equals_the_summed_vlb_terms(saved_model
 
 def test_evaluate_end_to_end_writes_the_agreed_schema(model_dir, tmp_path):
     extractors = {"inception": TinyFeatures("tiny-inception"), "dinov2": tiny_dinov2()}
-    common = dict(
-        num_samples=24, sampler="ddim", num_inference_steps=2, batch_size=12, heldout_last=60,
-        stats_cache_dir=tmp_path / "stats", feature_extractors=extractors,
-    )  # fmt: skip
-    metrics = ["fid", "kid", "inception_score", "fd_dinov2", "nll"]
-    results = evaluate(str(model_dir), metrics=metrics, **common)
+    measure = dict(num_images=24, heldout_last=60, stats_cache_dir=str(tmp_path / "stats"))
+    sampling = SamplingArguments(sampler="ddim", num_inference_steps=2, batch_size=12)
+    metrics = "fid,kid,inception_score,fd_dinov2,nll"
+    results = evaluate(
+        str(model_dir), EvaluationArguments(metrics, **measure), sampling, feature_extractors=extractors
+    )
     assert set(results) == {"fid", "kid", "inception_score", "fd_dinov2", "nll_bpd"}
     assert all(isinstance(v, float) and v == v for v in results.values())
     assert results["fid"] > 0 and results["fd_dinov2"] > 0 and results["nll_bpd"] > 0
@@ -129,7 +129,7 @@ def test_evaluate_end_to_end_writes_the_agreed_schema(model_dir, tmp_path):
     assert len(cached) == 2 and cached[0].startswith("dinov2-") and cached[1].startswith("tiny-inception-")
 
     # Again: reference statistics come from the cache, and the new fid replaces the old entry.
-    again = evaluate(str(model_dir), metrics=["fid"], **common)
+    again = evaluate(str(model_dir), EvaluationArguments("fid", **measure), sampling, feature_extractors=extractors)
     assert again["fid"] == pytest.approx(results["fid"], rel=1e-9)
     report = json.loads((model_dir / "eval_results.json").read_text())["results"]
     assert [e["metric"] for e in report].count("fid") == 1 and len(report) == 5
@@ -182,8 +182,9 @@ def test_digits_metric_from_saved_samples(model_dir, tmp_path):
     samples = tmp_path / "samples.npz"
     np.savez(samples, arr_0=real.permute(0, 2, 3, 1).numpy())
     out = tmp_path / "results.json"
-    results = evaluate(str(model_dir), metrics=["digits"], samples_path=samples, output_json=out,
-                       stats_cache_dir=tmp_path / "stats")  # fmt: skip
+    stats = str(tmp_path / "stats")
+    results = evaluate(str(model_dir), EvaluationArguments("digits", samples=str(samples), output=str(out),
+                                                           stats_cache_dir=stats))  # fmt: skip
     assert set(results) == {"digits_confidence", "digits_class_entropy", "digits_fd", "digits_fd_real_halves"}
     assert results["digits_confidence"] > 0.8 and results["digits_class_entropy"] > 0.95  # real digits
     entries = json.loads(out.read_text())["results"]
@@ -195,27 +196,30 @@ def test_evaluate_pipeline_for_the_training_loop(saved_model, tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     pipeline = DDPMPipeline.from_pretrained(saved_model)
     reference = load_image_dataset(resolution=8, channels=1, max_train_samples=200)
-    evaluation._MEMORY_STATS.clear()
+    evaluator._MEMORY_STATS.clear()
     for _ in range(2):
         values = evaluate_pipeline(pipeline, "digits", 70, "ddim", 2, 0, reference, None)
         assert set(values) == {"digits_confidence", "digits_class_entropy", "digits_fd", "digits_fd_real_halves"}
         assert values["digits_confidence"] < 0.5  # an untrained model draws noise
-    assert len(evaluation._MEMORY_STATS) == 1  # the reference was embedded once
+    assert len(evaluator._MEMORY_STATS) == 1  # the reference was embedded once
     assert list(tmp_path.iterdir()) == []  # no files written
 
 
 def test_bad_inputs_give_one_line_errors(model_dir, tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match=r"unknown metric\(s\) \['bogus'\]; valid metrics: fid, kid, inception_score"):
-        evaluate(str(model_dir), metrics=["fid", "bogus"])
+    with pytest.raises(ValueError, match=r"^--metrics: unknown metric\(s\) \['bogus'\]; valid metrics: fid, kid, "):
+        EvaluationArguments("fid,bogus")
+    for bad in ({"num_images": 0}, {"heldout_last": -1}, {"num_images": 2.5}):
+        with pytest.raises(ValueError, match=f"^--{next(iter(bad))} must be a positive integer"):
+            EvaluationArguments(**bad)
     with pytest.raises(ValueError, match=r"digits: need at least D\+1 = 65 samples .* got 10"):
-        evaluate(str(model_dir), metrics=["digits"], num_samples=10)
+        evaluate(str(model_dir), EvaluationArguments("digits", num_images=10))
     with pytest.raises(ValueError, match=r"digits: need at least D\+1 = 65 reference images per half .* got 64"):
-        evaluate(str(model_dir), metrics=["digits"], num_samples=100, heldout_last=129)  # halves of 64
+        evaluate(str(model_dir), EvaluationArguments("digits", num_images=100, heldout_last=129))  # halves of 64
     with pytest.raises(ValueError, match=r"the samples have 1 channel\(s\) but the reference images have 3"):
-        evaluate(str(model_dir), metrics=["digits"], num_samples=100, channels=3)
+        evaluate(str(model_dir), EvaluationArguments("digits", num_images=100, channels=3))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(MissingWeightsError, match="--inception_weights"):
-        evaluate(str(model_dir), metrics=["fid"], num_samples=3000)
+        evaluate(str(model_dir), EvaluationArguments("fid", num_images=3000))
     assert not (model_dir / "eval_results.json").exists()
 
 
@@ -251,11 +255,13 @@ def run_for_gather_test(model: str, stats: str, accelerator=None) -> dict:
     """What the 2-process test runs in each process, and in one process for comparison."""
     images = torch.randint(0, 256, (23, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     features = extract_features(TinyFeatures(), images, batch_size=5, accelerator=accelerator)
+    measure = EvaluationArguments(
+        "digits,fid,nll", num_images=66, heldout_last=150, stats_cache_dir=stats, output=str(Path(stats) / "eval.json")
+    )
+    sampling = SamplingArguments(sampler="ddim", num_inference_steps=2, batch_size=8)
     results = evaluate(
-        model, metrics=["digits", "fid", "nll"], num_samples=66, sampler="ddim", num_inference_steps=2, batch_size=8,
-        heldout_last=150, stats_cache_dir=stats, feature_extractors={"inception": TinyFeatures()},
-        accelerator=accelerator, output_json=Path(stats) / "eval.json",
-    )  # fmt: skip
+        model, measure, sampling, accelerator=accelerator, feature_extractors={"inception": TinyFeatures()}
+    )
     return {"features": features, "results": results}
 
 

@@ -148,17 +148,18 @@ def test_card_shows_the_evaluate_command_that_measures_each_figure_again(tmp_pat
     assert len(commands) == len(evaluations)
     parse_args = runpy.run_path(str(REPO_ROOT / "scripts" / "evaluate.py"))["parse_args"]
     for entry, command in zip(evaluations, commands, strict=True):
-        args = parse_args(shlex.split(command)[2:])
-        assert args.model == REPO
-        assert (args.sampler, args.num_inference_steps, args.num_images, args.seed) == (
+        model, measure, sampling, data = parse_args(shlex.split(command)[2:])
+        assert model == REPO
+        assert (sampling.sampler, sampling.num_inference_steps, measure.num_images, sampling.seed) == (
             entry["sampler"], entry["num_inference_steps"], entry["num_samples"], entry["seed"])  # fmt: skip
         if entry["metric"] == "nll_bpd":
-            assert (args.metrics, args.batch_size, args.nll_clip_denoised) == ("nll", 32, entry["clip_denoised"])
-        split = f"{args.split}[-{args.heldout_last}:]" if args.heldout_last else args.split
+            assert (measure.metrics, sampling.batch_size, measure.nll_clip_denoised) == (
+                "nll", 32, entry["clip_denoised"])  # fmt: skip
+        split = f"{data.split}[-{measure.heldout_last}:]" if measure.heldout_last else data.split
         assert split == entry["split"]
         # the run's own training data is evaluate.py's default reference; another dataset is named
-        assert args.dataset_name == (None if entry["dataset"] == "ylecun/mnist" else entry["dataset"])
-    assert parse_args(shlex.split(commands[-1])[2:]).metrics == "digits"
+        assert data.dataset_name == (None if entry["dataset"] == "ylecun/mnist" else entry["dataset"])
+    assert parse_args(shlex.split(commands[-1])[2:])[1].metrics == "digits"
 
 
 def test_sampler_quality_claims_come_only_from_eval_results(tmp_path: Path) -> None:

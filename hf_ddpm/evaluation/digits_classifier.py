@@ -4,7 +4,7 @@ The shipped weights (`digits_classifier.safetensors`, ~155 KB) and their trainin
 (`digits_classifier.json`: architecture, training settings, held-out split and accuracy) are made by
 `scripts/train_digits_classifier.py`, a thin wrapper over `train_digits_classifier`:
 
-    >>> from hf_ddpm.digits_classifier import load_digits_classifier
+    >>> from hf_ddpm.evaluation.digits_classifier import load_digits_classifier
     >>> model = load_digits_classifier()             # the shipped weights
     >>> logits = model(images.float() / 255)         # images: uint8 (B, 1, 16, 16), ink bright as in hf_ddpm.data
 

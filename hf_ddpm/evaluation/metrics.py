@@ -1,9 +1,9 @@
 """Sample-quality metrics on feature vectors: Fréchet distance (FID, FD_DINOv2), KID and Inception Score.
 
 Everything here works on plain arrays of features or logits, computed in float64; which network produced
-them is `hf_ddpm.feature_extractors`' business and how the images got there is `hf_ddpm.evaluation`'s.
+them is `hf_ddpm.evaluation.feature_extractors`' business and how the images got there is `hf_ddpm.evaluation`'s.
 
-    >>> from hf_ddpm.metrics import FeatureStats, frechet_distance, kernel_inception_distance
+    >>> from hf_ddpm.evaluation.metrics import FeatureStats, frechet_distance, kernel_inception_distance
     >>> real, fake = FeatureStats.from_features(real_features), FeatureStats.from_features(fake_features)
     >>> fid = frechet_distance(real, fake)
     >>> kid_mean, kid_std = kernel_inception_distance(real.features, fake.features)

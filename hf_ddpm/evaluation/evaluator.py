@@ -1,38 +1,11 @@
-"""Evaluate a DDPM: sample quality (FID, KID, IS, FD_DINOv2, the offline digits metric) and NLL in bits/dim.
-
-    >>> from hf_ddpm.evaluation import evaluate
-    >>> results = evaluate("output", metrics=["digits", "nll"], num_samples=1000, sampler="dpmsolver++")
-    >>> sorted(results)                 # also merged into output/eval_results.json, shown on output/README.md
-    ['digits_class_entropy', 'digits_confidence', 'digits_fd', 'digits_fd_real_halves', 'nll_bpd']
+"""The evaluation driver: samples (generated or read), reference images, feature extractors and the metrics'
+values, spread over accelerate processes; what `evaluate` and `evaluate_pipeline` run.
 
 `evaluate` generates samples with `hf_ddpm.sampling.generate` (or reads them), runs the feature extractors of
-`hf_ddpm.feature_extractors` on samples and reference images, computes the metrics of `hf_ddpm.metrics`, merges
-the results into `eval_results.json` (`result_entries`: each value with what reproduces it) and re-renders the
-model card. `evaluate_pipeline` is the same without files,
-for the training loop's `--eval_every`.
-
-Metrics (names for `metrics`) and the values they report:
-
-* fid -> "fid", kid -> "kid" (mean over subsets), inception_score -> "inception_score" (mean over 10 splits):
-  TF-Inception features / logits. fd_dinov2 -> "fd_dinov2": DINOv2 ViT-B/14 CLS features.
-* digits -> "digits_confidence" (fraction of samples whose top softmax probability is > 0.9),
-  "digits_class_entropy" (entropy of the predicted-class histogram / log 10; 1 = all digits equally often),
-  "digits_fd" (Fréchet distance of the digits classifier's penultimate features, samples vs reference) and
-  "digits_fd_real_halves" (the same between two random halves of the reference: a floor for digits_fd; with
-  N/2 images per half it carries more finite-sample bias than digits_fd, so read it as an order of magnitude).
-* nll -> "nll_bpd": the negative variational bound in bits/dim (all T terms plus the prior, Ho et al. eq. 5 with
-  the discretised decoder) averaged over the first `num_samples` reference images. By default every term clamps
-  the predicted x_0 to [-1, 1] before forming the posterior mean, as the DDPM paper's code and improved-diffusion
-  report NLL (`nll_clip_denoised=False`: the unclipped bound); eval_results.json records which. Evaluate held-out
-  images: `split="test"`, or `heldout_last=N` for the last N rows of a split (the built-in digits have a single split:
-  train with `--max_train_samples 1797-N`, evaluate with `heldout_last=N`).
-
-Work is spread over accelerate processes: samples by `generate`; feature extraction and NLL in fixed global
-batches, process p taking a contiguous run of them, gathered in order. Each batch is computed exactly as in a
-single process (NLL noise is seeded per batch), so the results do not depend on the number of processes.
-Reference statistics are cached as .npz (mu, sigma, features) in `stats_cache_dir` (default
-~/.cache/hf_ddpm/stats), keyed by extractor, dataset, config, split, resolution, channels, rows and the dataset's
-content fingerprint; they are always computed from un-augmented pixels (`ImageDataset.pixels`).
+`hf_ddpm.evaluation.feature_extractors` on samples and reference images, computes the metrics of
+`hf_ddpm.evaluation.metrics` and saves the results with `hf_ddpm.evaluation.results` (eval_results.json and the
+model card). `evaluate_pipeline` is the same without files, for the training loop's `--eval_every`. The metrics
+and the values they report: see `hf_ddpm.evaluation`.
 """
 
 from __future__ import annotations
@@ -41,6 +14,7 @@ import contextlib
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +23,35 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object
 
-from hf_ddpm import metrics as M
-from hf_ddpm.checkpointing import write_json
-from hf_ddpm.data import BUILTIN_DIGITS, ImageDataset, load_image_dataset
-from hf_ddpm.feature_extractors import DINOV2_DEFAULT, FeatureExtractor, build_feature_extractor
-from hf_ddpm.model_card import REFERENCE_ONLY_VALUES, write_model_card
+from hf_ddpm.arguments import check_positive
+from hf_ddpm.data import DataArguments, ImageDataset, load_data
+from hf_ddpm.evaluation.feature_extractors import (
+    DINOV2_DEFAULT,
+    INCEPTION_WEIGHTS_FILE,
+    FeatureExtractor,
+    build_feature_extractor,
+)
+from hf_ddpm.evaluation.metrics import (
+    DEFAULT_STATS_CACHE,
+    FeatureStats,
+    check_enough_samples,
+    class_histogram_entropy,
+    confident_fraction,
+    frechet_distance,
+    inception_score,
+    kernel_inception_distance,
+    stats_cache_path,
+)
+from hf_ddpm.evaluation.results import RESULTS_FILE, dataset_label, result_entries, save_results, split_label
 from hf_ddpm.pipeline import DDPMPipeline
-from hf_ddpm.sampling import default_steps, generate, image_generators, load_images, load_pipeline
+from hf_ddpm.sampling import (
+    SamplingArguments,
+    default_steps,
+    generate,
+    image_generators,
+    load_images,
+    load_pipeline,
+)
 from hf_ddpm.scheduler import DDPMScheduler
 
 METRICS = ("fid", "kid", "inception_score", "fd_dinov2", "nll", "digits")
@@ -64,14 +60,11 @@ EXTRACTOR_OF = {"fid": "inception", "kid": "inception", "inception_score": "ince
                 "digits": "digits"}  # fmt: skip
 # Metrics that fit a Gaussian to the samples' features, so need more samples than feature dimensions.
 _FRECHET = ("fid", "fd_dinov2", "digits")
-RESULTS_FILE = "eval_results.json"
 DEFAULT_NUM_SAMPLES = 1000
-DEFAULT_BATCH_SIZE = 64
+DEFAULT_BATCH_SIZE = SamplingArguments.batch_size
 CONFIDENCE_THRESHOLD = 0.9
-# A new result replaces an old one with the same key; clipped and unclipped NLL are different results.
-_RESULT_KEY = ("metric", "sampler", "num_inference_steps", "clip_denoised", "dataset", "split")
 # In-memory reference statistics for evaluate_pipeline, which writes no files.
-_MEMORY_STATS: dict[str, M.FeatureStats] = {}
+_MEMORY_STATS: dict[str, FeatureStats] = {}
 
 
 def check_metrics(metrics: Sequence[str]) -> list[str]:
@@ -80,6 +73,49 @@ def check_metrics(metrics: Sequence[str]) -> list[str]:
     if unknown or not metrics:
         raise ValueError(f"unknown metric(s) {unknown or list(metrics)}; valid metrics: {', '.join(METRICS)}")
     return list(dict.fromkeys(metrics))
+
+
+@dataclass
+class EvaluationArguments:
+    """What scripts/evaluate.py measures and where the results go; `SamplingArguments` draw the samples and
+    `DataArguments` name the reference images."""
+
+    metrics: str = field(default="digits", metadata={"help": f"comma-separated, from {', '.join(METRICS)}"})
+    num_images: int | None = field(
+        default=None,
+        metadata={"aliases": ["--num_samples"],
+                  "help": f"images to generate (default {DEFAULT_NUM_SAMPLES}) or read from --samples (default all); "
+                  "nll scores the first N reference images (--num_samples is the old name)"},
+    )  # fmt: skip
+    samples: str | None = field(
+        default=None, metadata={"help": "score these samples (PNG folder or .npz) instead of generating"}
+    )
+    heldout_last: int | None = field(default=None, metadata={"help": "use only the last N images of the split"})
+    channels: int | None = field(default=None, metadata={"help": "reference image channels (default: the model's)"})
+    nll_clip_denoised: bool = field(
+        default=True,
+        metadata={"help": "nll: clamp the predicted x_0 to [-1, 1] in every term, as the DDPM paper and "
+                  "improved-diffusion report NLL (--no_nll_clip_denoised: the bound of the raw x_0 prediction)"},
+    )  # fmt: skip
+    inception_weights: str | None = field(
+        default=None, metadata={"help": f"{INCEPTION_WEIGHTS_FILE} (default: the torch hub cache)"}
+    )
+    dinov2_model: str = field(default=DINOV2_DEFAULT, metadata={"help": "Hub id or local folder"})
+    stats_cache_dir: str | None = field(
+        default=None, metadata={"help": "reference statistics (default ~/.cache/hf_ddpm/stats)"}
+    )
+    output: str | None = field(default=None, metadata={"help": "results JSON (default: MODEL/eval_results.json)"})
+    model_card: bool = field(
+        default=True, metadata={"help": "re-render MODEL/README.md when the results go to MODEL/eval_results.json"}
+    )
+    metric_names: list[str] = field(init=False, repr=False)  # --metrics as a list, de-duplicated in order
+
+    def __post_init__(self) -> None:
+        try:
+            self.metric_names = check_metrics([name.strip() for name in self.metrics.split(",") if name.strip()])
+        except ValueError as err:
+            raise ValueError(f"--metrics: {err}") from None
+        check_positive(self, ("num_images", "heldout_last"))
 
 
 def _rank_world(accelerator: accelerate.Accelerator | None) -> tuple[int, int]:
@@ -143,7 +179,7 @@ def nll_bits_per_dim(
 ) -> torch.Tensor:
     """Per-image negative variational bound (N,) in bits/dim of uint8 images, through the scheduler.
 
-    x0 = pixels / 127.5 - 1; `DDPMScheduler.nll_bits_per_dim` with model_fn(x_t, t) = unet(x_t, t).sample sums
+    x0 = pixels / 127.5 - 1; `DDPMScheduler.vlb_bits_per_dim` with model_fn(x_t, t) = unet(x_t, t).sample sums
     the prior term and all T terms, with the predicted x_0 clamped to [-1, 1] in each unless not `clip_denoised`
     (see `DDPMScheduler.calc_bpd_loop`). Batches of `batch_size` images run timestep_batch = batch_size // images
     timesteps per UNet call; the noise of batch b comes from `sampling.image_generators(seed, [b])`, so the
@@ -181,7 +217,7 @@ def reference_stats(
     labels: Mapping[str, Any] | None = None,
     batch_size: int = 64,
     accelerator: accelerate.Accelerator | None = None,
-) -> M.FeatureStats:
+) -> FeatureStats:
     """Feature statistics of reference `rows`, from the cache or computed (un-augmented pixels) and cached.
 
     The key holds the extractor's name, the dataset's content fingerprint, resolution, channels and rows, plus
@@ -201,14 +237,14 @@ def reference_stats(
         memory_key = json.dumps(key, sort_keys=True, default=str)
         if memory_key not in _MEMORY_STATS:
             features = extract_features(extractor, reference, rows, batch_size, accelerator)["features"]
-            _MEMORY_STATS[memory_key] = M.FeatureStats.from_features(features)
+            _MEMORY_STATS[memory_key] = FeatureStats.from_features(features)
         return _MEMORY_STATS[memory_key]
-    path = M.stats_cache_path(cache_dir, key)
+    path = stats_cache_path(cache_dir, key)
     found = [path.is_file()]
     if all(gather_object(found) if accelerator and accelerator.num_processes > 1 else found):
-        return M.FeatureStats.load(path)
+        return FeatureStats.load(path)
     features = extract_features(extractor, reference, rows, batch_size, accelerator)["features"]
-    stats = M.FeatureStats.from_features(features)
+    stats = FeatureStats.from_features(features)
     if _is_main(accelerator):
         stats.save(path, metadata=key)
     return stats
@@ -228,12 +264,12 @@ def _check_sizes(
             sets.append(("reference images per half (for digits_fd_real_halves)", num_reference // 2))
         for what, count in sets:
             try:
-                M.check_enough_samples(count, dim, what)
+                check_enough_samples(count, dim, what)
             except ValueError as err:
                 raise ValueError(f"{metric}: {err}") from None
 
 
-def _compute(
+def _compute_metrics(
     metrics: Sequence[str],
     *,
     samples: torch.Tensor | None,
@@ -255,7 +291,7 @@ def _compute(
         for kind in dict.fromkeys(EXTRACTOR_OF[m] for m in metrics if m != "nll")
     }
 
-    def ref(kind: str) -> M.FeatureStats:
+    def ref(kind: str) -> FeatureStats:
         return reference_stats(
             extractors[kind], reference, rows, cache_dir=stats_cache_dir, labels=labels, batch_size=batch_size,
             accelerator=accelerator,
@@ -265,17 +301,17 @@ def _compute(
     for metric in metrics:
         outputs = sample_outputs.get(EXTRACTOR_OF.get(metric, ""))
         if metric in ("fid", "fd_dinov2"):
-            fake = M.FeatureStats.from_features(outputs["features"])
-            results[metric] = M.frechet_distance(fake, ref(EXTRACTOR_OF[metric]))
+            fake = FeatureStats.from_features(outputs["features"])
+            results[metric] = frechet_distance(fake, ref(EXTRACTOR_OF[metric]))
         elif metric == "kid":
-            results["kid"] = M.kernel_inception_distance(outputs["features"], ref("inception").features, seed=seed)[0]
+            results["kid"] = kernel_inception_distance(outputs["features"], ref("inception").features, seed=seed)[0]
         elif metric == "inception_score":
-            results["inception_score"] = M.inception_score(outputs["logits"])[0]
+            results["inception_score"] = inception_score(outputs["logits"])[0]
         elif metric == "digits":
             real = ref("digits")
-            results["digits_confidence"] = M.confident_fraction(outputs["logits"], CONFIDENCE_THRESHOLD)
-            results["digits_class_entropy"] = M.class_histogram_entropy(outputs["logits"])
-            results["digits_fd"] = M.frechet_distance(M.FeatureStats.from_features(outputs["features"]), real)
+            results["digits_confidence"] = confident_fraction(outputs["logits"], CONFIDENCE_THRESHOLD)
+            results["digits_class_entropy"] = class_histogram_entropy(outputs["logits"])
+            results["digits_fd"] = frechet_distance(FeatureStats.from_features(outputs["features"]), real)
             results["digits_fd_real_halves"] = _real_halves_distance(real.features, seed)
         elif metric == "nll":
             nll = nll_bits_per_dim(
@@ -289,8 +325,8 @@ def _real_halves_distance(features: np.ndarray, seed: int) -> float:
     """Fréchet distance between two random halves of the reference features (a permutation seeded by `seed`)."""
     order = np.random.default_rng(seed).permutation(len(features))
     half = len(features) // 2
-    first = M.FeatureStats.from_features(features[order[:half]])
-    return M.frechet_distance(first, M.FeatureStats.from_features(features[order[half : 2 * half]]))
+    first = FeatureStats.from_features(features[order[:half]])
+    return frechet_distance(first, FeatureStats.from_features(features[order[half : 2 * half]]))
 
 
 def _device(accelerator: accelerate.Accelerator | None) -> torch.device:
@@ -365,7 +401,7 @@ def evaluate_pipeline(
             pipeline, num_samples, sampler=sampler, num_inference_steps=num_inference_steps, seed=seed,
             batch_size=batch_size, accelerator=accelerator, progress=False,
         )  # fmt: skip
-    return _compute(
+    return _compute_metrics(
         metrics, samples=samples, reference=reference, rows=range(len(reference)), pipeline=pipeline,
         extractors=extractors, num_samples=num_samples, batch_size=batch_size, seed=seed, stats_cache_dir=None,
         labels=None, accelerator=accelerator, nll_clip_denoised=nll_clip_denoised,
@@ -382,202 +418,97 @@ def _training_dataset(folder: Path | None) -> dict[str, Any]:
     return {name: config[name] for name in names if name in config}
 
 
-def dataset_label(dataset_name: str | None, train_data_dir: str | None) -> str:
-    """The "dataset" of an eval_results.json entry: the folder, else the dataset name, else the built-in digits."""
-    return train_data_dir or dataset_name or BUILTIN_DIGITS
-
-
-def split_label(split: str, first: int | None = None, last: int | None = None) -> str:
-    """The "split" of an entry, in datasets' slicing notation: "train", "train[:N]" (first N), "train[-N:]"."""
-    if first is not None:
-        return f"{split}[:{first}]"
-    return f"{split}[-{last}:]" if last is not None else split
-
-
-def result_entries(
-    results: Mapping[str, float],
-    *,
-    sampler: str | None,
-    num_inference_steps: int | None,
-    num_samples: int,
-    num_reference: int,
-    seed: int,
-    batch_size: int,
-    nll_clip_denoised: bool,
-    dataset: str,
-    split: str,
-) -> list[dict[str, Any]]:
-    """The eval_results.json entries of `results` ({value name: value}), each with what reproduces it.
-
-    Every entry has metric, value, sampler, num_inference_steps, num_samples, seed, batch_size, clip_denoised,
-    dataset and split. Sample metrics record the sampler and steps that made their `num_samples` samples (None:
-    scored from saved samples of unrecorded origin); nll_bpd and digits_fd_real_halves use reference images only,
-    so their sampler and steps are None and num_samples counts the reference images used. batch_size and
-    clip_denoised change the NLL (its noise is seeded per batch) and are None for every other value.
-    """
-    counts = {"nll_bpd": min(num_samples, num_reference), "digits_fd_real_halves": num_reference}
-    sampling = {"sampler": sampler, "num_inference_steps": num_inference_steps}
-    nll_setup = {"batch_size": batch_size, "clip_denoised": nll_clip_denoised}
-    return [
-        {
-            "metric": metric,
-            "value": value,
-            **{key: None if metric in REFERENCE_ONLY_VALUES else v for key, v in sampling.items()},
-            "num_samples": counts.get(metric, num_samples),
-            "seed": seed,
-            **{key: v if metric == "nll_bpd" else None for key, v in nll_setup.items()},
-            "dataset": dataset,
-            "split": split,
-        }
-        for metric, value in results.items()
-    ]
-
-
-def merge_eval_results(path: str | Path, entries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Write `entries` into the eval_results.json at `path`, replacing earlier entries with the same
-    (metric, sampler, num_inference_steps, clip_denoised, dataset, split); returns the file's new list of results."""
-    path = Path(path)
-    old = json.loads(path.read_text()).get("results", []) if path.is_file() else []
-    new_keys = {tuple(entry[k] for k in _RESULT_KEY) for entry in entries}
-    merged = [e for e in old if tuple(e.get(k) for k in _RESULT_KEY) not in new_keys] + [dict(e) for e in entries]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, {"results": merged})
-    return merged
-
-
 def _sample_size(sample_size: int | Sequence[int]) -> int:
     return sample_size if isinstance(sample_size, int) else sample_size[0]
 
 
 def evaluate(
     model: str,
+    evaluation: EvaluationArguments | None = None,
+    sampling: SamplingArguments | None = None,
+    data: DataArguments | None = None,
     *,
-    metrics: Sequence[str],
-    num_samples: int | None = None,
-    sampler: str | None = None,
-    num_inference_steps: int | None = None,
-    seed: int = 0,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    nll_clip_denoised: bool = True,
-    samples_path: str | Path | None = None,
-    dataset_name: str | None = None,
-    dataset_config_name: str | None = None,
-    split: str = "train",
-    train_data_dir: str | None = None,
-    image_column: str | None = None,
-    resolution: int | None = None,
-    channels: int | None = None,
-    center_crop: bool = True,
-    cache_dir: str | None = None,
-    heldout_last: int | None = None,
-    inception_weights: str | Path | None = None,
-    dinov2_model: str = DINOV2_DEFAULT,
-    stats_cache_dir: str | Path | None = None,
     accelerator: accelerate.Accelerator | None = None,
-    output_json: str | Path | None = None,
-    update_model_card: bool = True,
     feature_extractors: Mapping[str, FeatureExtractor] | None = None,
-    allow_pickle: bool = False,
 ) -> dict[str, float]:
-    """Evaluate `model` (a pipeline folder or Hub id) on `metrics`; returns {value name: value} on every process.
+    """Evaluate `model` (a pipeline folder or Hub id) as scripts/evaluate.py does; returns {value name: value} on
+    every process.
 
-    Args:
-        metrics: names from `METRICS` (see the module docstring for what each reports).
-        num_samples: images to generate (default 1000), or the first N of `samples_path` (default all); nll
-            scores the first `num_samples` reference images.
-        sampler, num_inference_steps, seed, batch_size: as `hf_ddpm.sampling.generate` (sampler default "ddpm").
-        nll_clip_denoised: clamp the predicted x_0 to [-1, 1] in every term of the NLL bound (the paper's way,
-            default); recorded as the entry's "clip_denoised".
-        samples_path: read samples (a folder of PNGs or an .npz, see `sampling.load_images`) instead of generating.
-        dataset_name ... cache_dir: the reference images, as `hf_ddpm.data.load_image_dataset`; when neither
-            dataset_name nor train_data_dir is given, those of the run's training_summary.json, else the built-in
-            digits. resolution / channels default to the model's (or the samples').
-        heldout_last: use only the last N rows of the split as reference (held-out images for nll).
-        inception_weights, dinov2_model: where the FID Inception and DINOv2 weights come from.
-        stats_cache_dir: reference statistics cache (default ~/.cache/hf_ddpm/stats).
-        accelerator: spread sampling, feature extraction and NLL over its processes.
-        output_json: where to merge the results (default MODEL/eval_results.json when MODEL is a local folder;
-            nothing is written for a Hub id without output_json). Only the main process writes.
-        update_model_card: re-render MODEL/README.md when the results went to MODEL/eval_results.json (a card
-            edited by hand is kept, see `write_model_card`).
-        feature_extractors: ready extractors by kind ("inception", "dinov2", "digits") instead of the standard ones.
-        allow_pickle: let `DDPMPipeline.from_pretrained` load .bin weights (trusted sources only).
+    `evaluation` says what to measure and where the results go, `sampling` how the samples are drawn (sampler
+    default "ddpm"; with `evaluation.samples`, how those were made, for the record), `data` the reference images
+    (when it names no dataset: those of the run's training_summary.json, else the built-in digits; resolution and
+    channels default to the model's, or the samples'). Defaults: the dataclasses' own. `accelerator` spreads
+    sampling, feature extraction and NLL over its processes; only the main process writes.
+    `feature_extractors`: ready extractors by kind ("inception", "dinov2", "digits") instead of the standard ones.
     """
-    metrics = check_metrics(metrics)
-    for name, value in (("num_samples", num_samples), ("batch_size", batch_size),
-                        ("num_inference_steps", num_inference_steps), ("heldout_last", heldout_last)):  # fmt: skip
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if seed < 0:
-        raise ValueError(f"seed must be non-negative, got {seed}")
+    evaluation = evaluation or EvaluationArguments()
+    sampling = sampling or SamplingArguments()
+    data = data or DataArguments()
+    metrics = evaluation.metric_names
     folder = Path(model) if Path(model).is_dir() else None
-    generating = samples_path is None and any(m != "nll" for m in metrics)
-    if generating:
-        steps = num_inference_steps or default_steps(sampler or "ddpm")  # also rejects unknown samplers
+    generating = evaluation.samples is None and any(m != "nll" for m in metrics)
+    sampler = sampling.sampler or "ddpm"
+    steps = sampling.num_inference_steps or default_steps(sampler)
     extractors = build_extractors(
-        metrics, feature_extractors=feature_extractors, inception_weights=inception_weights,
-        dinov2_model=dinov2_model, accelerator=accelerator,
+        metrics, feature_extractors=feature_extractors, inception_weights=evaluation.inception_weights,
+        dinov2_model=evaluation.dinov2_model, accelerator=accelerator,
     )  # fmt: skip
     pipeline = None
-    if samples_path is None or "nll" in metrics:
-        pipeline = load_pipeline(model, allow_pickle=allow_pickle).to(_device(accelerator))
+    if evaluation.samples is None or "nll" in metrics:
+        pipeline = load_pipeline(model, allow_pickle=sampling.allow_pickle).to(_device(accelerator))
     samples = None
-    if samples_path is not None:
-        samples = load_images(samples_path)
-        if num_samples is not None and num_samples > len(samples):
-            raise ValueError(f"num_samples is {num_samples} but {samples_path} holds only {len(samples)} images")
-        samples = samples[:num_samples]
-    n = len(samples) if samples is not None else num_samples or DEFAULT_NUM_SAMPLES
+    if evaluation.samples is not None:
+        samples = load_images(evaluation.samples)
+        if evaluation.num_images is not None and evaluation.num_images > len(samples):
+            raise ValueError(
+                f"--num_images is {evaluation.num_images} but --samples {evaluation.samples} holds only "
+                f"{len(samples)} images"
+            )
+        samples = samples[: evaluation.num_images]
+    n = len(samples) if samples is not None else evaluation.num_images or DEFAULT_NUM_SAMPLES
 
     config = pipeline.unet.config if pipeline is not None else None
     sample_channels = samples.shape[1] if samples is not None else config.in_channels
-    if resolution is None:
-        resolution = samples.shape[-1] if config is None else _sample_size(config.sample_size)
-    dataset_args = {"dataset_name": dataset_name, "dataset_config_name": dataset_config_name,
-                    "train_data_dir": train_data_dir, "image_column": image_column, "center_crop": center_crop,
-                    "cache_dir": cache_dir}  # fmt: skip
-    if dataset_name is None and train_data_dir is None:
-        dataset_args.update(_training_dataset(folder))
+    resolution = data.resolution or (samples.shape[-1] if config is None else _sample_size(config.sample_size))
+    if data.dataset_name is None and data.train_data_dir is None:
+        data = replace(data, **_training_dataset(folder))
     reference, rows = None, range(0)
+    heldout_last = evaluation.heldout_last
     if metrics != ["inception_score"]:
         with accelerator.main_process_first() if accelerator else contextlib.nullcontext():
-            reference = load_image_dataset(
-                **dataset_args, split=split, resolution=resolution, channels=channels or sample_channels
-            )
+            reference = load_data(data, resolution, evaluation.channels or sample_channels)
         if heldout_last is not None and heldout_last > len(reference):
-            raise ValueError(f"heldout_last is {heldout_last} but the reference split has {len(reference)} images")
+            raise ValueError(f"--heldout_last is {heldout_last} but the reference split has {len(reference)} images")
         rows = range(len(reference) - (heldout_last or len(reference)), len(reference))
         _check_channels(sample_channels, reference)
     _check_sizes(metrics, extractors, n, len(rows))
 
     if generating:
         samples = generate(
-            pipeline, n, sampler=sampler or "ddpm", num_inference_steps=steps, seed=seed, batch_size=batch_size,
-            accelerator=accelerator, progress=_is_main(accelerator),
+            pipeline, n, sampler=sampler, num_inference_steps=steps, seed=sampling.seed,
+            batch_size=sampling.batch_size, accelerator=accelerator, progress=_is_main(accelerator),
         )  # fmt: skip
-    dataset = dataset_label(dataset_args["dataset_name"], dataset_args["train_data_dir"])
-    rows_label = split_label(split, last=heldout_last)
-    results = _compute(
+    dataset = dataset_label(data.dataset_name, data.train_data_dir)
+    rows_label = split_label(data.split, last=heldout_last)
+    stats_cache_dir = evaluation.stats_cache_dir if evaluation.stats_cache_dir is not None else DEFAULT_STATS_CACHE
+    results = _compute_metrics(
         metrics, samples=samples, reference=reference, rows=rows, pipeline=pipeline, extractors=extractors,
-        num_samples=n, batch_size=batch_size, seed=seed,
-        stats_cache_dir=stats_cache_dir if stats_cache_dir is not None else M.DEFAULT_STATS_CACHE,
-        labels={"dataset": dataset, "config": dataset_args["dataset_config_name"], "split": rows_label},
-        accelerator=accelerator, nll_clip_denoised=nll_clip_denoised,
+        num_samples=n, batch_size=sampling.batch_size, seed=sampling.seed, stats_cache_dir=stats_cache_dir,
+        labels={"dataset": dataset, "config": data.dataset_config_name, "split": rows_label},
+        accelerator=accelerator, nll_clip_denoised=evaluation.nll_clip_denoised,
     )  # fmt: skip
 
+    output_json = evaluation.output
     if output_json is None and folder is not None:
         output_json = folder / RESULTS_FILE
     if output_json is not None and _is_main(accelerator):
-        setup = (sampler or "ddpm", steps) if generating else (sampler, num_inference_steps)
+        setup = (sampler, steps) if generating else (sampling.sampler, sampling.num_inference_steps)
         entries = result_entries(
             results, sampler=setup[0], num_inference_steps=setup[1], num_samples=n, num_reference=len(rows),
-            seed=seed, batch_size=batch_size, nll_clip_denoised=nll_clip_denoised, dataset=dataset, split=rows_label,
+            seed=sampling.seed, batch_size=sampling.batch_size, nll_clip_denoised=evaluation.nll_clip_denoised,
+            dataset=dataset, split=rows_label,
         )  # fmt: skip
-        merge_eval_results(output_json, entries)
-        card_reads_it = folder is not None and Path(output_json).resolve() == (folder / RESULTS_FILE).resolve()
-        if update_model_card and card_reads_it:
-            write_model_card(folder)
+        save_results(output_json, entries, model_folder=folder if evaluation.model_card else None)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return results
-

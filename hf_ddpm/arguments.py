@@ -1,0 +1,42 @@
+"""What the argument dataclasses of the scripts share; transformers' `HfArgumentParser` turns their fields into flags.
+
+The dataclasses live next to what they configure: `hf_ddpm.data.DataArguments` (which images),
+`hf_ddpm.sampling.SamplingArguments` (how images are drawn from a model), `hf_ddpm.evaluation.EvaluationArguments`
+(what is measured) and `hf_ddpm.training_args.TrainingArguments` (a training run, with the data options). Each
+checks its values in `__post_init__`, so a bad flag stops the script before anything is loaded.
+
+    >>> model, sample_args = parse_model_arguments((SampleArguments,), ["output", "--num_images", "16"])
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+from transformers import HfArgumentParser
+
+MODEL_HELP = "pipeline folder (e.g. a training output) or Hub repo id"
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each flag's default after its help, and the description (a script's docstring, with examples) as written."""
+
+
+def parse_model_arguments(
+    types: Sequence[type], argv: list[str] | None = None, description: str | None = None
+) -> tuple[Any, ...]:
+    """(MODEL, an instance of each dataclass in `types`) from `argv` (default: sys.argv[1:]), the command line of
+    scripts/sample.py and scripts/evaluate.py: MODEL, then the dataclasses' flags."""
+    parser = HfArgumentParser(types, description=description, formatter_class=_HelpFormatter)
+    parser.add_argument("model", help=MODEL_HELP)
+    *instances, rest = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    return (rest.model, *instances)
+
+
+def check_positive(args: Any, names: Sequence[str]) -> None:
+    """Raise a ValueError naming the flag unless each attribute in `names` is None or a positive integer."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"--{name} must be a positive integer, got {value!r}")

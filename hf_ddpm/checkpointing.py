@@ -23,16 +23,13 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from hf_ddpm.errors import CheckpointError
 from hf_ddpm.pipeline import DDPMPipeline
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint asked for cannot be resumed from."""
 
 
 def list_checkpoints(checkpoints_dir: str | Path) -> list[Path]:

@@ -49,6 +49,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from hf_ddpm.cli import one_line
+from hf_ddpm.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +67,6 @@ _FEATURES = datasets.Features(
 )
 # Part of the decode cache key, so editing the preprocessing code (or upgrading Pillow) invalidates the cache.
 _CODE_DIGEST = hashlib.sha256(Path(__file__).read_bytes()).hexdigest() + PIL.__version__
-
-
-class DataError(ValueError):
-    """A dataset problem found before training, with a one-line message that names the fix."""
 
 
 def digits_images(resolution: int) -> np.ndarray:

@@ -40,6 +40,7 @@ from diffusers.utils import make_image_grid
 
 from hf_ddpm import hub
 from hf_ddpm.cli import one_line
+from hf_ddpm.errors import ConfigError, DataError
 from hf_ddpm.pipeline import DDPMPipeline
 from hf_ddpm.scheduler import DDPMScheduler
 
@@ -108,9 +109,9 @@ RECOMMENDED_SAMPLER = "sde-dpmsolver++"
 
 
 def get_sampler(name: str) -> Sampler:
-    """The sampler called `name`; an unknown name raises a ValueError that lists the valid ones."""
+    """The sampler called `name`; an unknown name raises a ConfigError that lists the valid ones."""
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS)}")
+        raise ConfigError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS)}")
     return SAMPLERS[name]
 
 
@@ -277,7 +278,7 @@ def generate(
     ```
     """
     if num_images < 1 or batch_size < 1:
-        raise ValueError(f"num_images and batch_size must be positive, got {num_images} and {batch_size}")
+        raise ConfigError(f"num_images and batch_size must be positive, got {num_images} and {batch_size}")
     steps = num_inference_steps or default_steps(sampler)
     pipe = sampling_pipeline(pipeline, sampler)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
@@ -374,13 +375,13 @@ def load_images(path: str | Path) -> torch.Tensor:
         if array.ndim == 3:
             array = array[..., None]
         if array.dtype != np.uint8 or array.ndim != 4:
-            raise ValueError(f"{path}: arr_0 must be uint8 (N, H, W, C), got {array.dtype} {array.shape}")
+            raise DataError(f"{path}: arr_0 must be uint8 (N, H, W, C), got {array.dtype} {array.shape}")
         return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
     if not path.is_dir():
-        raise ValueError(f"{path} is neither a folder of images nor an .npz file")
+        raise DataError(f"{path} is neither a folder of images nor an .npz file")
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {path}")
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {path}")
     loaded = []
     for f in files:
         with PIL.Image.open(f) as image:
@@ -388,6 +389,6 @@ def load_images(path: str | Path) -> torch.Tensor:
     mode = "L" if all(image.mode == "L" for image in loaded) else "RGB"
     arrays = [np.asarray(image.convert(mode)) for image in loaded]
     if len({a.shape for a in arrays}) > 1:
-        raise ValueError(f"images in {path} differ in size: {sorted({a.shape for a in arrays})}")
+        raise DataError(f"images in {path} differ in size: {sorted({a.shape for a in arrays})}")
     array = np.stack(arrays)
     return torch.from_numpy(array[..., None] if mode == "L" else array).permute(0, 3, 1, 2).contiguous()

@@ -36,14 +36,14 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from hf_ddpm import checkpointing, sampling
-from hf_ddpm.cli import register_user_error
 from hf_ddpm.data import BUILTIN_DIGITS, ImageDataset, load_image_dataset
+from hf_ddpm.errors import TrainingError
 from hf_ddpm.hub import BackgroundPusher, push_options
 from hf_ddpm.pipeline import DDPMPipeline
 from hf_ddpm.presets import build_unet, learned_variance_unet
 from hf_ddpm.scheduler import DDPMScheduler
 from hf_ddpm.timestep_samplers import UniformSampler, create_timestep_sampler
-from hf_ddpm.training_args import EVAL_SCORE, TrainingArguments
+from hf_ddpm.training_args import EVAL_SCORE, TrainingArguments, check_fp16_device
 
 logger = get_logger(__name__)  # accelerate's: logs on the main process only
 
@@ -59,11 +59,6 @@ IMAGE_LOGGERS: dict[str, Callable[[GeneralTracker, str, torch.Tensor, int], None
         {key: [image.permute(1, 2, 0).squeeze(-1).numpy() for image in images]}, step
     ),
 }
-
-
-@register_user_error
-class TrainingError(RuntimeError):
-    """Training cannot start or go on; the message says why and what to do."""
 
 
 def derived_seed(*parts: Any) -> int:
@@ -207,8 +202,8 @@ class Trainer:
                 project_dir=str(self.output_dir), logging_dir=str(self.output_dir / args.logging_dir)
             ),
         )
-        if self.accelerator.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
-            raise TrainingError("--mixed_precision fp16 needs a GPU; on CPU use --mixed_precision bf16 or no")
+        # accelerate's config may ask for fp16 where --mixed_precision did not, or run on the CPU of a GPU machine
+        check_fp16_device(self.accelerator.mixed_precision, self.accelerator.device.type)
         self.resume = _check_output_dir(args, self.checkpoints_dir)
         # the main process pushes; it checks Hub access now, so a bad token fails in seconds, not after the run
         self.hub: BackgroundPusher | None = None

@@ -14,9 +14,9 @@ from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
 from hf_ddpm import checkpointing
-from hf_ddpm.pipeline import PickleWeightsError
+from hf_ddpm.errors import PickleWeightsError, TrainingError
 from hf_ddpm.presets import build_unet
-from hf_ddpm.trainer import Trainer, TrainingError, _EpochOrder, train
+from hf_ddpm.trainer import Trainer, _EpochOrder, train
 from hf_ddpm.training_args import parse_training_args
 
 FAST = [

@@ -40,6 +40,7 @@ from diffusers.utils import make_image_grid
 
 from hf_ddpm import hub
 from hf_ddpm.cli import one_line
+from hf_ddpm.distributed import Stream, is_main, run_sharded, seeded_generator
 from hf_ddpm.errors import ConfigError, DataError
 from hf_ddpm.pipeline import DDPMPipeline
 from hf_ddpm.scheduler import DDPMScheduler
@@ -214,22 +215,16 @@ def load_pipeline(model: str | Path, allow_pickle: bool = False) -> DDPMPipeline
 
 
 def image_generators(seed: int, indices: Sequence[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
-    """One `torch.Generator` per image index, seeded from (seed, index) alone.
+    """One `torch.Generator` per image index, seeded from (seed, index) alone (`distributed.Stream.IMAGES`).
 
-    The 64-bit seed of image i is `numpy.random.SeedSequence((seed, i)).generate_state(1, np.uint64)[0]`:
-    distinct (seed, i) pairs give well-mixed, unrelated streams (unlike `seed * K + i`, which collides once
-    i reaches K), and image i is the same whatever batch or process draws it. `seed` and the indices must be
-    non-negative. CPU generators (the default) also make the noise independent of the device: diffusers
-    draws it on the CPU and moves it.
+    The 64-bit seed of image i is `numpy.random.SeedSequence((seed, i)).generate_state(1, np.uint64)[0]`, so
+    image i is the same whatever batch or process draws it, and plain diffusers reproduces it (`usage_snippet`).
+    `seed` and the indices must be non-negative. CPU generators (the default) also make the noise independent
+    of the device: diffusers draws it on the CPU and moves it.
 
     >>> gens = image_generators(0, range(8, 16))     # the generators of images 8..15
     """
-    return [
-        torch.Generator(device=device).manual_seed(
-            int(np.random.SeedSequence((seed, i)).generate_state(1, np.uint64)[0])
-        )
-        for i in indices
-    ]
+    return [seeded_generator(Stream.IMAGES, seed, i, device=device) for i in indices]
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -254,10 +249,9 @@ def generate(
     (batched float kernels sum in a batch-size dependent order). The UNet runs in eval mode (no dropout) and is
     put back in its previous mode; pass an unwrapped UNet (`accelerator.unwrap_model`).
 
-    With an `accelerator`, process p generates images p, p + P, p + 2P, ... in batches of `batch_size`; every
-    process runs the same number of images (the last few past N are made and dropped) so none waits on another,
-    and the result is gathered so that every process returns all N images. Put the pipeline on
-    `accelerator.device` first; the UNet runs under `accelerator.autocast()`, so bf16 works on CPUs too.
+    With an `accelerator`, each process generates its block of ceil(N/P) images (`distributed.run_sharded`) in
+    batches of `batch_size`, and every process returns all N images. Put the pipeline on `accelerator.device`
+    first; the UNet runs under `accelerator.autocast()`, so bf16 works on CPUs too.
 
     Args:
         pipeline: a loaded pipeline (hf_ddpm's or plain diffusers'); its scheduler is not changed.
@@ -281,37 +275,32 @@ def generate(
         raise ConfigError(f"num_images and batch_size must be positive, got {num_images} and {batch_size}")
     steps = num_inference_steps or default_steps(sampler)
     pipe = sampling_pipeline(pipeline, sampler)
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    show = progress and (accelerator is None or accelerator.is_local_main_process)
-    per_process = math.ceil(num_images / world)
-    indices = list(range(rank, per_process * world, world))
+    show = progress and is_main(accelerator, local=True)
     autocast = accelerator.autocast() if accelerator else contextlib.nullcontext()
+
+    def draw(share: range) -> torch.Tensor:
+        batches = []
+        with autocast:
+            for start in range(share.start, share.stop, batch_size):
+                chunk = range(start, min(start + batch_size, share.stop))
+                pipe.set_progress_bar_config(
+                    disable=not show, leave=False, desc=f"batch {len(batches) + 1}/{math.ceil(len(share) / batch_size)}"
+                )
+                out = pipe(
+                    batch_size=len(chunk),
+                    generator=image_generators(seed, chunk),
+                    num_inference_steps=steps,
+                    output_type="pt",
+                )
+                batches.append(to_uint8(out.images))
+        return torch.cat(batches)
+
     was_training = pipe.unet.training
     pipe.unet.eval()  # no dropout, also when called from a training loop
-    batches = []
-    with autocast:
-        for start in range(0, per_process, batch_size):
-            chunk = indices[start : start + batch_size]
-            batch_number = start // batch_size + 1
-            pipe.set_progress_bar_config(
-                disable=not show,
-                leave=False,
-                desc=f"batch {batch_number}/{math.ceil(per_process / batch_size)}",
-            )
-            out = pipe(
-                batch_size=len(chunk),
-                generator=image_generators(seed, chunk),
-                num_inference_steps=steps,
-                output_type="pt",
-            )
-            batches.append(to_uint8(out.images))
-    pipe.unet.train(was_training)
-    images = torch.cat(batches)
-    if world > 1:
-        # gathered row p * per_process + k holds image p + k * world
-        gathered = accelerator.gather(images.to(accelerator.device)).cpu()
-        images = gathered.view(world, per_process, *images.shape[1:]).transpose(0, 1).flatten(0, 1)
-    return images[:num_images].cpu()
+    try:
+        return run_sharded(draw, num_images, accelerator)
+    finally:
+        pipe.unet.train(was_training)
 
 
 def _literal(value: Any) -> str:

@@ -5,16 +5,16 @@
         take a gradient step on  w(t) * || target(x_0, eps, t) - model(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t) ||^2
     until converged
 
-Data order, augmentation, timesteps and noise of micro-step m on process r come from generators seeded by
-(seed, m, r) and the epoch's permutation from (seed, epoch), so a resumed run continues exactly where it
-stopped without replaying batches, and N steps straight equal N/2 + resume + N/2 bit for bit on one process.
+Augmentation, timesteps and noise of micro-step m on process r come from a generator seeded by (seed, m, r)
+and the data order from one seeded by (seed, epoch) (`hf_ddpm.distributed.seeded_generator`, a stream each), so
+a resumed run continues exactly where it stopped without replaying batches, and N steps straight equal
+N/2 + resume + N/2 bit for bit on one process.
 The learning-rate schedule is stepped once per optimizer step, whatever the number of processes or
 gradient-accumulation steps, so `--lr_warmup_steps` always counts optimizer steps.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -35,8 +35,8 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from hf_ddpm import checkpointing, sampling
-from hf_ddpm.data import BUILTIN_DIGITS, ImageDataset, load_image_dataset
+from hf_ddpm import checkpointing, distributed, sampling
+from hf_ddpm.data import BUILTIN_DIGITS, EpochOrder, ImageDataset, load_image_dataset
 from hf_ddpm.errors import TrainingError
 from hf_ddpm.hub import BackgroundPusher, push_options
 from hf_ddpm.pipeline import DDPMPipeline
@@ -59,12 +59,6 @@ IMAGE_LOGGERS: dict[str, Callable[[GeneralTracker, str, torch.Tensor, int], None
         {key: [image.permute(1, 2, 0).squeeze(-1).numpy() for image in images]}, step
     ),
 }
-
-
-def derived_seed(*parts: Any) -> int:
-    """A 63-bit seed that depends only on `parts` (e.g. the run seed, the micro-step and the process index)."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def make_noise_scheduler(args: TrainingArguments) -> DDPMScheduler:
@@ -124,23 +118,6 @@ def load_training_data(args: TrainingArguments, unet: UNet2DModel) -> ImageDatas
     )
 
 
-class _EpochOrder:
-    """Row indices for micro-step m: a fresh seeded permutation each epoch, cut into global micro-batches."""
-
-    def __init__(self, num_rows: int, global_micro_batch: int, seed: int):
-        self.micro_steps_per_epoch = num_rows // global_micro_batch
-        self.num_rows, self.global_micro_batch, self.seed = num_rows, global_micro_batch, seed
-        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
-
-    def indices(self, micro_step: int, process_index: int, batch_size: int) -> list[int]:
-        epoch, position = divmod(micro_step, self.micro_steps_per_epoch)
-        if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(derived_seed(self.seed, "epoch", epoch))
-            self._epoch, self._perm = epoch, torch.randperm(self.num_rows, generator=generator)
-        start = position * self.global_micro_batch + process_index * batch_size
-        return self._perm[start : start + batch_size].tolist()
-
-
 # the vector extensions that decide CPU training speed, best first (bf16 autocast pays off only with the first)
 _ISA_LABELS = (("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
 
@@ -157,10 +134,10 @@ def _cpu_name() -> str:
 
 def _hardware(accelerator: Accelerator) -> str:
     if accelerator.device.type == "cuda":
-        return f"{accelerator.num_processes}x {torch.cuda.get_device_name(accelerator.device)}"
+        return f"{distributed.world_size(accelerator)}x {torch.cuda.get_device_name(accelerator.device)}"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return (
-        f"{accelerator.num_processes} process(es) on {_cpu_name()} ({cores} cores), "
+        f"{distributed.world_size(accelerator)} process(es) on {_cpu_name()} ({cores} cores), "
         f"{torch.get_num_threads()} torch thread(s) per process"
     )
 
@@ -207,10 +184,10 @@ class Trainer:
         self.resume = _check_output_dir(args, self.checkpoints_dir)
         # the main process pushes; it checks Hub access now, so a bad token fails in seconds, not after the run
         self.hub: BackgroundPusher | None = None
-        if args.push_to_hub and self.accelerator.is_main_process:
+        if args.push_to_hub and distributed.is_main(self.accelerator):
             self.hub = BackgroundPusher(args.output_dir, args.hub_model_id, **push_options(args))
         self.overwritten = None  # the earlier run, set aside by the main process; deleted once this one exported
-        if args.overwrite_output_dir and self.accelerator.is_main_process:
+        if args.overwrite_output_dir and distributed.is_main(self.accelerator):
             self.overwritten = checkpointing.set_aside(self.output_dir)
             if self.overwritten is not None:
                 logger.info("--overwrite_output_dir: moved the earlier run to %s until this one is exported",
@@ -223,7 +200,7 @@ class Trainer:
         self.timestep_sampler = create_timestep_sampler(args.timestep_sampler, args.num_train_timesteps)
         with self.accelerator.main_process_first():  # the main process decodes and caches, the others read it
             self.data = load_training_data(args, self.unet)
-        self.world = self.accelerator.num_processes
+        self.world = distributed.world_size(self.accelerator)
         self.global_micro_batch = args.train_batch_size * self.world
         self.global_batch = self.global_micro_batch * args.gradient_accumulation_steps
         if len(self.data) < self.global_micro_batch:
@@ -231,7 +208,7 @@ class Trainer:
                 f"the dataset has {len(self.data)} images, fewer than one global batch of {self.global_micro_batch} "
                 f"({args.train_batch_size} per process x {self.world} processes); lower --train_batch_size"
             )
-        self.order = _EpochOrder(len(self.data), self.global_micro_batch, args.seed)
+        self.order = EpochOrder(len(self.data), self.global_micro_batch, args.seed)
         steps_per_epoch = max(self.order.micro_steps_per_epoch // args.gradient_accumulation_steps, 1)
         self.max_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
         self.num_params = sum(p.numel() for p in self.unet.parameters())
@@ -286,7 +263,7 @@ class Trainer:
             len(self.data), f"{self.num_params:,}", args.train_batch_size, self.world,
             args.gradient_accumulation_steps, self.global_batch, self.max_steps, _hardware(accelerator),
         )  # fmt: skip
-        if accelerator.is_main_process:
+        if distributed.is_main(accelerator):
             self.output_dir.mkdir(parents=True, exist_ok=True)
             hparams = {k: v for k, v in args.to_dict().items() if isinstance(v, (int, float, str, bool))}
             accelerator.init_trackers("hf_ddpm", config=hparams)
@@ -294,9 +271,8 @@ class Trainer:
             if args.sample_every and no_images:
                 logger.warning("sample grids go to %s only, not to %s", ", ".join(IMAGE_LOGGERS), ", ".join(no_images))
 
-        progress = tqdm(
-            total=self.max_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="train"
-        )
+        progress = tqdm(total=self.max_steps, initial=global_step, desc="train",
+                        disable=not distributed.is_main(accelerator, local=True))  # fmt: skip
         start = tick = time.perf_counter()
         loss_avg, images_seen, wall_time = None, 0, earlier_wall_time
         micro_step = global_step * args.gradient_accumulation_steps
@@ -372,8 +348,8 @@ class Trainer:
     def _micro_step(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forward and backward on this process's share of micro-batch `micro_step`; steps the optimizer on sync."""
         args, accelerator = self.args, self.accelerator
-        rank = accelerator.process_index
-        generator = torch.Generator().manual_seed(derived_seed(args.seed, micro_step, rank))
+        rank = distributed.rank(accelerator)
+        generator = distributed.seeded_generator(distributed.Stream.MICRO_BATCHES, args.seed, micro_step, rank)
         rows = self.order.indices(micro_step, rank, args.train_batch_size)
         x0 = self.data.get_batch(rows, generator, random_flip=args.random_flip)
         timesteps, weights = self.timestep_sampler.sample(len(rows), "cpu", generator)
@@ -428,7 +404,7 @@ class Trainer:
             accelerator=self.accelerator,
             progress=False,
         )
-        if self.accelerator.is_main_process:
+        if distributed.is_main(self.accelerator):
             for tracker in self.accelerator.trackers:
                 if tracker.name in IMAGE_LOGGERS:
                     IMAGE_LOGGERS[tracker.name](tracker, "samples", images, step)
@@ -458,7 +434,7 @@ class Trainer:
         logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
         if improved:
             self.best_score = score
-            if self.accelerator.is_main_process:
+            if distributed.is_main(self.accelerator):
                 best = self.output_dir / BEST_DIR
                 (best / evaluation.RESULTS_FILE).unlink(missing_ok=True)  # earlier results were of earlier weights
                 checkpointing.export_pipeline(pipe, best)
@@ -490,7 +466,7 @@ class Trainer:
                 seed=args.seed,
                 batch_size=min(args.num_final_images, 256),
                 accelerator=accelerator,
-                progress=accelerator.is_main_process,
+                progress=distributed.is_main(accelerator),
             )
         results = {
             "global_step": step,
@@ -507,7 +483,7 @@ class Trainer:
             "num_train_images": len(self.data),
             "dataset": args.train_data_dir or args.dataset_name or BUILTIN_DIGITS,
         }
-        if accelerator.is_main_process:
+        if distributed.is_main(accelerator):
             checkpointing.export_pipeline(pipe, self.output_dir)
             if final_samples:
                 sampling.save_images(images, self.output_dir / SAMPLES_FILE)

@@ -38,10 +38,9 @@ from diffusers import (
 )
 from diffusers.utils import make_image_grid
 
-from hf_ddpm import hub
-from hf_ddpm.cli import one_line
 from hf_ddpm.distributed import Stream, is_main, run_sharded, seeded_generator
 from hf_ddpm.errors import ConfigError, DataError
+from hf_ddpm.hub import load_pipeline  # noqa: F401 -- re-exported for evaluation.py and scripts/sample.py
 from hf_ddpm.pipeline import DDPMPipeline
 from hf_ddpm.scheduler import DDPMScheduler
 
@@ -201,17 +200,6 @@ def usage_snippet(
         ".images",
     ]
     return "\n".join(lines)
-
-
-def load_pipeline(model: str | Path, allow_pickle: bool = False) -> DDPMPipeline:
-    """`DDPMPipeline.from_pretrained` for command-line tools: a failure is one ValueError with a one-line message.
-
-    >>> pipe = load_pipeline("output")            # or a Hub repo id
-    """
-    try:
-        return hub.load_pipeline(model, allow_pickle=allow_pickle)
-    except (hub.HubError, OSError, ValueError) as err:
-        raise ValueError(f"cannot load model {str(model)!r}: {one_line(err)}") from err
 
 
 def image_generators(seed: int, indices: Sequence[int], device: str | torch.device = "cpu") -> list[torch.Generator]:

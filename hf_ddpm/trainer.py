@@ -36,6 +36,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from hf_ddpm import checkpointing, distributed, sampling
+from hf_ddpm.atomic import write_json
 from hf_ddpm.data import BUILTIN_DIGITS, EpochOrder, ImageDataset, load_image_dataset
 from hf_ddpm.errors import TrainingError
 from hf_ddpm.hub import BackgroundPusher, push_options
@@ -379,8 +380,8 @@ class Trainer:
             self.timestep_sampler.update(*accelerator.gather((timesteps, losses.detach())))
         return loss, grad_norm
 
-    def _sampling_pipeline(self) -> DDPMPipeline:
-        """A pipeline on a copy of the weights that samples are drawn from: the EMA ones when EMA is on."""
+    def _ema_pipeline(self) -> DDPMPipeline:
+        """A pipeline on a copy of the weights that are exported and sampled from: the EMA ones when EMA is on."""
         copy = UNet2DModel.from_config(self.unet.config).to(self.accelerator.device)
         if self.ema is None:
             copy.load_state_dict(self.unet.state_dict())
@@ -395,7 +396,7 @@ class Trainer:
         """A few-step sample grid for every tracker; every process draws its share, so none waits into a timeout."""
         args = self.args
         images = sampling.generate(
-            self._sampling_pipeline(),
+            self._ema_pipeline(),
             args.num_preview_images,
             sampler=args.preview_sampler,
             num_inference_steps=args.preview_steps,
@@ -416,7 +417,7 @@ class Trainer:
         from hf_ddpm.model_card import write_model_card
 
         args = self.args
-        pipe = self._sampling_pipeline()
+        pipe = self._ema_pipeline()
         steps = args.preview_steps or sampling.default_steps(args.preview_sampler)
         setup = {"sampler": args.preview_sampler, "num_inference_steps": steps, "seed": args.seed,
                  "batch_size": evaluation.DEFAULT_BATCH_SIZE, "nll_clip_denoised": True}  # fmt: skip
@@ -438,7 +439,7 @@ class Trainer:
                 best = self.output_dir / BEST_DIR
                 (best / evaluation.RESULTS_FILE).unlink(missing_ok=True)  # earlier results were of earlier weights
                 checkpointing.export_pipeline(pipe, best)
-                checkpointing.write_json(best / "best_eval.json", {"global_step": step, "metric": key, **values})
+                write_json(best / "best_eval.json", {"global_step": step, "metric": key, **values})
                 # The reference is the training set as loaded: its first --max_train_samples rows, if set.
                 entries = evaluation.result_entries(
                     values, **setup, num_samples=args.eval_num_samples, num_reference=len(self.data),
@@ -456,7 +457,7 @@ class Trainer:
         args, accelerator = self.args, self.accelerator
         if self.hub:
             self.hub.wait()  # never rewrite the folder while a push reads it
-        pipe = self._sampling_pipeline()
+        pipe = self._ema_pipeline()
         if final_samples:
             images = sampling.generate(
                 pipe,
@@ -487,7 +488,7 @@ class Trainer:
             checkpointing.export_pipeline(pipe, self.output_dir)
             if final_samples:
                 sampling.save_images(images, self.output_dir / SAMPLES_FILE)
-            checkpointing.write_json(self.output_dir / SUMMARY_FILE, {"config": args.to_dict(), "results": results})
+            write_json(self.output_dir / SUMMARY_FILE, {"config": args.to_dict(), "results": results})
             write_model_card(self.output_dir, repo_id=args.hub_model_id)
         accelerator.wait_for_everyone()
         return results

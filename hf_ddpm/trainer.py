@@ -241,6 +241,9 @@ class Trainer:
             )
             self.ema.to(self.accelerator.device)
             self.accelerator.register_for_checkpointing(self.ema)
+        # the bookkeeping that checkpoints carry: where the run is, how long it took, what evaluations found
+        self.global_step, self.micro_step, self.wall_time = 0, 0, 0.0
+        self.loss_avg: float | None = None  # smoothed over steps, for the progress bar and the summary
         self.best_score: float | None = None
         # one entry per --eval_every evaluation: step, training seconds so far (evaluations excluded), values
         self.eval_history: list[dict[str, float]] = []
@@ -249,15 +252,63 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Run to `max_steps`, checkpointing on the way; then export. Returns training_summary.json's results."""
         args, accelerator = self.args, self.accelerator
-        global_step, earlier_wall_time = 0, 0.0
+        # resume: weights, optimizer, RNG and timestep-sampler states and the bookkeeping come back from the
+        # checkpoint, so the run goes on bit for bit as if it had never stopped
+        self._resume()
+        # trackers: the hyper-parameters go with the curves they produced
+        self._start_trackers()
+        progress = tqdm(total=self.max_steps, initial=self.global_step, desc="train",
+                        disable=not distributed.is_main(accelerator, local=True))  # fmt: skip
+        self._started = time.perf_counter() - self.wall_time  # wall time counts the whole run, resumes included
+        self._last_log = (self.global_step, time.perf_counter())
+        self.model.train()
+        while self.global_step < self.max_steps:
+            # the step: micro-batches accumulate gradients until accelerate syncs them; then the optimizer, the
+            # learning rate and the EMA move once, so every schedule counts optimizer steps
+            loss, grad_norm = self._micro_step(self.micro_step)
+            self.micro_step += 1
+            if not accelerator.sync_gradients:
+                continue
+            self.lr_scheduler.step()
+            if self.ema is not None:
+                self.ema.step(self.unet.parameters())
+            self.global_step += 1
+            # logging: a loss that is no longer finite stops the run before it can overwrite a good checkpoint
+            step_loss = self._step_loss(loss)
+            progress.update(1)
+            if self.global_step % args.logging_steps == 0 or self.global_step == self.max_steps:
+                self._log(step_loss, grad_norm, progress)
+            # preview: a sample grid shows what the model draws, which the loss alone does not tell
+            if args.sample_every and self.global_step % args.sample_every == 0 and self.global_step < self.max_steps:
+                self._log_preview()
+            # eval: the metric on a few fast samples keeps the best weights in best/; its time is not training time
+            if args.eval_every and self.global_step % args.eval_every == 0:
+                began = time.perf_counter()
+                self._evaluate(self.global_step, train_seconds=began - self._started - self.eval_seconds)
+                self.eval_seconds += time.perf_counter() - began
+            # checkpoint + periodic push: a crash loses at most --checkpointing_steps, and the Hub follows the run
+            if self.global_step % args.checkpointing_steps == 0 or self.global_step == self.max_steps:
+                self._save_checkpoint()
+                self._push_progress()
+        progress.close()
+        # export: the pipeline, samples and summary are complete before the earlier run is deleted and the last push
+        return self._finish()
+
+    def _resume(self) -> None:
+        """Restore the checkpoint that --resume_from_checkpoint names, if any, and the run's bookkeeping."""
         if self.resume is not None:
-            state = checkpointing.load_checkpoint(accelerator, self.resume)
-            global_step, earlier_wall_time = state["global_step"], state["wall_time_s"]
+            state = checkpointing.load_checkpoint(self.accelerator, self.resume)
+            self.global_step, self.wall_time = state["global_step"], state["wall_time_s"]
             self.best_score = state.get("best_score")
             self.eval_history, self.eval_seconds = state.get("eval_history", []), state.get("eval_seconds", 0.0)
-            logger.info("resumed from %s at step %d", self.resume, global_step)
-        elif args.resume_from_checkpoint == "latest":
+            logger.info("resumed from %s at step %d", self.resume, self.global_step)
+        elif self.args.resume_from_checkpoint == "latest":
             logger.info("no checkpoint in %s yet; starting a fresh run", self.checkpoints_dir)
+        self.micro_step = self.global_step * self.args.gradient_accumulation_steps
+
+    def _start_trackers(self) -> None:
+        """Log the run's size and hardware; the main process starts the trackers with the hyper-parameters."""
+        args, accelerator = self.args, self.accelerator
         logger.info(
             "%d images, %s parameters; batch %d per process x %d process(es) x %d accumulation = global batch %d; "
             "%d optimizer steps; %s",
@@ -272,78 +323,66 @@ class Trainer:
             if args.sample_every and no_images:
                 logger.warning("sample grids go to %s only, not to %s", ", ".join(IMAGE_LOGGERS), ", ".join(no_images))
 
-        progress = tqdm(total=self.max_steps, initial=global_step, desc="train",
-                        disable=not distributed.is_main(accelerator, local=True))  # fmt: skip
-        start = tick = time.perf_counter()
-        loss_avg, images_seen, wall_time = None, 0, earlier_wall_time
-        micro_step = global_step * args.gradient_accumulation_steps
-        self.model.train()
-        while global_step < self.max_steps:
-            loss, grad_norm = self._micro_step(micro_step)
-            micro_step += 1
-            if not accelerator.sync_gradients:
-                continue
-            self.lr_scheduler.step()
-            if self.ema is not None:
-                self.ema.step(self.unet.parameters())
-            global_step += 1
-            step_loss = accelerator.gather(loss.detach()).mean().item()
-            if not math.isfinite(step_loss):
-                last = checkpointing.list_checkpoints(self.checkpoints_dir)
-                raise TrainingError(
-                    f"the loss is {step_loss} at step {global_step}; stopped without saving. Last good checkpoint: "
-                    f"{last[-1] if last else 'none'}. Lower --learning_rate, keep --max_grad_norm, or avoid fp16"
-                )
-            loss_avg = step_loss if loss_avg is None else 0.98 * loss_avg + 0.02 * step_loss
-            images_seen += self.global_batch
-            progress.update(1)
+    def _step_loss(self, loss: torch.Tensor) -> float:
+        """The step's loss averaged over processes, folded into the smoothed loss; a non-finite one raises."""
+        step_loss = self.accelerator.gather(loss.detach()).mean().item()
+        if not math.isfinite(step_loss):
+            last = checkpointing.list_checkpoints(self.checkpoints_dir)
+            raise TrainingError(
+                f"the loss is {step_loss} at step {self.global_step}; stopped without saving. Last good checkpoint: "
+                f"{last[-1] if last else 'none'}. Lower --learning_rate, keep --max_grad_norm, or avoid fp16"
+            )
+        self.loss_avg = step_loss if self.loss_avg is None else 0.98 * self.loss_avg + 0.02 * step_loss
+        return step_loss
 
-            if global_step % args.logging_steps == 0 or global_step == self.max_steps:
-                elapsed = time.perf_counter() - tick
-                logs = {
-                    "loss": step_loss,
-                    "loss_smoothed": loss_avg,
-                    "lr": self.lr_scheduler.get_last_lr()[0],
-                    "images_per_second": images_seen / elapsed,
-                }
-                if grad_norm is not None:
-                    logs["grad_norm"] = float(grad_norm)
-                if self.ema is not None:
-                    logs["ema_decay"] = self.ema.cur_decay_value
-                accelerator.log(logs, step=global_step)
-                progress.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{logs['images_per_second']:.0f}")
-                images_seen, tick = 0, time.perf_counter()
+    def _log(self, step_loss: float, grad_norm: torch.Tensor | None, progress: tqdm) -> None:
+        """Scalars for the trackers and the progress bar; the speed is over the steps since the last log."""
+        last_step, last_time = self._last_log
+        logs = {
+            "loss": step_loss,
+            "loss_smoothed": self.loss_avg,
+            "lr": self.lr_scheduler.get_last_lr()[0],
+            "images_per_second": (self.global_step - last_step) * self.global_batch / (time.perf_counter() - last_time),
+        }
+        if grad_norm is not None:
+            logs["grad_norm"] = float(grad_norm)
+        if self.ema is not None:
+            logs["ema_decay"] = self.ema.cur_decay_value
+        self.accelerator.log(logs, step=self.global_step)
+        progress.set_postfix(loss=f"{self.loss_avg:.4f}", img_s=f"{logs['images_per_second']:.0f}")
+        self._last_log = (self.global_step, time.perf_counter())
 
-            if args.sample_every and global_step % args.sample_every == 0 and global_step < self.max_steps:
-                self._log_preview(global_step)
-            if args.eval_every and global_step % args.eval_every == 0:
-                began = time.perf_counter()
-                self._evaluate(global_step, train_seconds=earlier_wall_time + began - start - self.eval_seconds)
-                self.eval_seconds += time.perf_counter() - began
-            wall_time = earlier_wall_time + time.perf_counter() - start
-            if global_step % args.checkpointing_steps == 0 or global_step == self.max_steps:
-                state = {"global_step": global_step, "micro_step": micro_step, "wall_time_s": wall_time,
-                         "best_score": self.best_score, "eval_history": self.eval_history,
-                         "eval_seconds": self.eval_seconds}  # fmt: skip
-                if self.hub and args.push_checkpoints:
-                    self.hub.wait()  # the push reads checkpoints/, which saving rotates
-                checkpointing.save_checkpoint(
-                    accelerator, self.checkpoints_dir, global_step, state, args.checkpoints_total_limit
-                )
-                saved = global_step // args.checkpointing_steps
-                push_now = args.push_to_hub and args.hub_push_every and saved % args.hub_push_every == 0
-                if push_now and global_step < self.max_steps:
-                    self._export(global_step, wall_time, loss_avg)  # on every process: it samples on all
-                    if self.hub:
-                        self.hub.push(f"step {global_step}")
-        progress.close()
+    def _save_checkpoint(self) -> None:
+        """A resumable checkpoint of this step, with the bookkeeping that resuming restores."""
+        args = self.args
+        self.wall_time = time.perf_counter() - self._started
+        state = {"global_step": self.global_step, "micro_step": self.micro_step, "wall_time_s": self.wall_time,
+                 "best_score": self.best_score, "eval_history": self.eval_history,
+                 "eval_seconds": self.eval_seconds}  # fmt: skip
+        if self.hub and args.push_checkpoints:
+            self.hub.wait()  # the push reads checkpoints/, which saving rotates
+        checkpointing.save_checkpoint(
+            self.accelerator, self.checkpoints_dir, self.global_step, state, args.checkpoints_total_limit
+        )
 
-        results = self._export(global_step, wall_time, loss_avg, final_samples=True)
+    def _push_progress(self) -> None:
+        """--hub_push_every N: every N-th checkpoint before the last also exports and pushes the run."""
+        args = self.args
+        saved = self.global_step // args.checkpointing_steps
+        push_now = args.push_to_hub and args.hub_push_every and saved % args.hub_push_every == 0
+        if push_now and self.global_step < self.max_steps:  # the last push follows the final export
+            self._export()  # on every process, like every export
+            if self.hub:
+                self.hub.push(f"step {self.global_step}")
+
+    def _finish(self) -> dict[str, Any]:
+        """The final export; then the earlier run (--overwrite_output_dir) is deleted and the run is pushed."""
+        results = self._export(final_samples=True)
         if self.overwritten is not None:
             shutil.rmtree(self.overwritten)
-        accelerator.end_training()  # the logs are complete before they are pushed, and even if the push fails
+        self.accelerator.end_training()  # the logs are complete before they are pushed, and even if the push fails
         if self.hub:
-            self.hub.finish(f"end of training, step {global_step}")
+            self.hub.finish(f"end of training, step {self.global_step}")
         return results
 
     def _micro_step(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -392,7 +431,7 @@ class Trainer:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def _log_preview(self, step: int) -> None:
+    def _log_preview(self) -> None:
         """A few-step sample grid for every tracker; every process draws its share, so none waits into a timeout."""
         args = self.args
         images = sampling.generate(
@@ -408,7 +447,7 @@ class Trainer:
         if distributed.is_main(self.accelerator):
             for tracker in self.accelerator.trackers:
                 if tracker.name in IMAGE_LOGGERS:
-                    IMAGE_LOGGERS[tracker.name](tracker, "samples", images, step)
+                    IMAGE_LOGGERS[tracker.name](tracker, "samples", images, self.global_step)
 
     def _evaluate(self, step: int, train_seconds: float) -> None:
         """--eval_every: the metric on a few fast samples, logged; the EMA pipeline goes to best/ when it improves,
@@ -450,11 +489,11 @@ class Trainer:
                 write_model_card(best)
             self.accelerator.wait_for_everyone()
 
-    def _export(self, step: int, wall_time: float, loss_avg: float | None, final_samples: bool = False) -> dict:
+    def _export(self, final_samples: bool = False) -> dict[str, Any]:
         """Write the pipeline (EMA weights), samples.png, training_summary.json and the model card."""
         from hf_ddpm.model_card import write_model_card
 
-        args, accelerator = self.args, self.accelerator
+        args, accelerator, step = self.args, self.accelerator, self.global_step
         if self.hub:
             self.hub.wait()  # never rewrite the folder while a push reads it
         pipe = self._ema_pipeline()
@@ -474,11 +513,11 @@ class Trainer:
             "num_parameters": self.num_params,
             "world_size": self.world,
             "global_batch_size": self.global_batch,
-            "wall_time_s": round(wall_time, 1),
+            "wall_time_s": round(self.wall_time, 1),
             "eval_seconds": round(self.eval_seconds, 1),
             "eval_history": self.eval_history,
-            "images_per_second": round(step * self.global_batch / max(wall_time, 1e-9), 1),
-            "final_loss": loss_avg,
+            "images_per_second": round(step * self.global_batch / max(self.wall_time, 1e-9), 1),
+            "final_loss": self.loss_avg,
             "hardware": _hardware(accelerator),
             "mixed_precision": accelerator.mixed_precision,
             "num_train_images": len(self.data),

@@ -20,7 +20,8 @@ import torch
 
 from hf_ddpm.evaluation import EvaluationArguments, evaluate
 from hf_ddpm.figures import metric_vs_steps_figure
-from hf_ddpm.sampling import SAMPLERS, SamplingArguments, default_steps, generate, load_pipeline, save_images
+from hf_ddpm.hub import load_pipeline
+from hf_ddpm.sampling import SAMPLERS, SamplingArguments, default_steps, generate, save_images
 
 # DDPM-1000 first: the baseline of both ratios
 RUNS = [("ddpm", 1000)] + [(name, default_steps(name)) for name in SAMPLERS if name != "ddpm"] + [

@@ -14,7 +14,10 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from transformers import HfArgumentParser
+
+from hf_ddpm.errors import ConfigError
 
 MODEL_HELP = "pipeline folder (e.g. a training output) or Hub repo id"
 
@@ -30,13 +33,31 @@ def parse_model_arguments(
     scripts/sample.py and scripts/evaluate.py: MODEL, then the dataclasses' flags."""
     parser = HfArgumentParser(types, description=description, formatter_class=_HelpFormatter)
     parser.add_argument("model", help=MODEL_HELP)
-    *instances, rest = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    *instances, rest = parse_into_dataclasses(parser, argv)
     return (rest.model, *instances)
 
 
+def parse_into_dataclasses(parser: HfArgumentParser, argv: list[str] | None) -> tuple[Any, ...]:
+    """`parser.parse_args_into_dataclasses(argv)`, with HfArgumentParser's ValueError for unknown flags raised as
+    the ConfigError every other bad flag is (`__post_init__` checks raise ConfigError themselves)."""
+    try:
+        return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(f"{err}; see --help") from None
+
+
 def check_positive(args: Any, names: Sequence[str]) -> None:
-    """Raise a ValueError naming the flag unless each attribute in `names` is None or a positive integer."""
+    """Raise a ConfigError naming the flag unless each attribute in `names` is None or a positive integer."""
     for name in names:
         value = getattr(args, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"--{name} must be a positive integer, got {value!r}")
+            raise ConfigError(f"--{name} must be a positive integer, got {value!r}")
+
+
+def check_fp16_device(mixed_precision: str | None, device_type: str | None = None) -> None:
+    """Refuse fp16 on a CPU, where accelerate would silently train in fp32. Without `device_type`, the machine
+    is a CPU one unless torch sees a GPU (or another accelerator)."""
+    if mixed_precision == "fp16" and (device_type == "cpu" if device_type else not torch.accelerator.is_available()):
+        raise ConfigError("--mixed_precision fp16 needs a GPU; on CPU use --mixed_precision bf16 or no")

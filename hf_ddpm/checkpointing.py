@@ -23,16 +23,14 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from hf_ddpm.atomic import write_json
+from hf_ddpm.errors import CheckpointError
 from hf_ddpm.pipeline import DDPMPipeline
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint asked for cannot be resumed from."""
 
 
 def list_checkpoints(checkpoints_dir: str | Path) -> list[Path]:
@@ -145,14 +143,3 @@ def export_pipeline(pipeline: DDPMPipeline, output_dir: str | Path) -> None:
             os.replace(staging / name, target)
     staging.rmdir()
 
-
-def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    """Write JSON through a temporary file, fsync and a rename, so readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -1,8 +1,8 @@
 """What every script in scripts/ shares: user errors become one line on stderr and a non-zero exit.
 
-Errors that describe bad input (a ValueError such as DataError, a missing file, a refused Hub request, a run
-that cannot go on) print as `error: <message>`; anything else is a bug and keeps its traceback. Set
-HF_DDPM_TRACEBACK=1 to see the traceback of user errors too.
+A `hf_ddpm.errors.UserError` (bad flags, data, checkpoints, Hub requests, missing weights, a run that cannot go
+on) prints as `error: <message>`; anything else is a bug and keeps its traceback. Set HF_DDPM_TRACEBACK=1 to see
+the traceback of user errors too.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError)
+from hf_ddpm.errors import UserError
 
 
 def one_line(err: BaseException) -> str:
@@ -20,18 +20,11 @@ def one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
-def register_user_error(error: type[BaseException]) -> type[BaseException]:
-    """Class decorator: errors of this type are reported as one line by `run_cli`."""
-    global USER_ERRORS
-    USER_ERRORS = (*USER_ERRORS, error)
-    return error
-
-
 def run_cli(main: Callable[[], Any]) -> int:
     """Run `main()`; return 0, or 1 after printing a user error as one line."""
     try:
         main()
-    except USER_ERRORS as err:
+    except UserError as err:
         if os.environ.get("HF_DDPM_TRACEBACK"):
             raise
         print(f"error: {one_line(err)}", file=sys.stderr)

@@ -49,6 +49,8 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from hf_ddpm.cli import one_line
+from hf_ddpm.distributed import Stream, seeded_generator
+from hf_ddpm.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +68,6 @@ _FEATURES = datasets.Features(
 )
 # Part of the decode cache key, so editing the preprocessing code (or upgrading Pillow) invalidates the cache.
 _CODE_DIGEST = hashlib.sha256(Path(__file__).read_bytes()).hexdigest() + PIL.__version__
-
-
-class DataError(ValueError):
-    """A dataset problem found before training, with a one-line message that names the fix."""
 
 
 @dataclass
@@ -157,6 +155,30 @@ class ImageDataset:
             array = np.frombuffer(pixels, np.uint8).reshape(self.channels, height, width)
             crops.append(_crop(array, self.resolution, position))
         return np.stack(crops)
+
+
+class EpochOrder:
+    """The rows each process trains on at micro-step m, from (seed, m, rank) alone, so a resumed run goes on
+    exactly where it stopped without replaying batches.
+
+    Each epoch is a fresh permutation of the rows (`distributed.Stream.EPOCH_ORDER`, seeded from (seed, epoch)),
+    cut into global micro-batches of `global_micro_batch` rows; rows left over at the end of a permutation wait
+    for a later epoch. Process r takes `batch_size` rows at offset r * batch_size of the global micro-batch.
+    """
+
+    def __init__(self, num_rows: int, global_micro_batch: int, seed: int) -> None:
+        self.micro_steps_per_epoch = num_rows // global_micro_batch
+        self.num_rows, self.global_micro_batch, self.seed = num_rows, global_micro_batch, seed
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def indices(self, micro_step: int, process_index: int, batch_size: int) -> list[int]:
+        """The rows of process `process_index` at `micro_step`."""
+        epoch, position = divmod(micro_step, self.micro_steps_per_epoch)
+        if epoch != self._epoch:  # one permutation is kept: consecutive micro-steps share it
+            generator = seeded_generator(Stream.EPOCH_ORDER, self.seed, epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.num_rows, generator=generator)
+        start = position * self.global_micro_batch + process_index * batch_size
+        return self._perm[start : start + batch_size].tolist()
 
 
 def load_image_dataset(

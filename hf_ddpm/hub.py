@@ -46,7 +46,8 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects, httpx, validate_repo_id
 
-from hf_ddpm.cli import one_line, register_user_error
+from hf_ddpm.cli import one_line
+from hf_ddpm.errors import ConfigError, HubError, UserError
 from hf_ddpm.model_card import card_was_edited, render_model_card
 
 if TYPE_CHECKING:
@@ -62,11 +63,6 @@ _TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{20,}")
 _T = TypeVar("_T")
 _WHOAMI = "asking the Hub whose token this is"
 _PUSH_ERRORS = (HfHubHTTPError, httpx.HTTPError, OSError, RuntimeError, ValueError)  # what a push turns into HubError
-
-
-@register_user_error
-class HubError(RuntimeError):
-    """A Hub problem, explained in one line that never contains the token."""
 
 
 def redact(text: str, token: str | None = None) -> str:
@@ -145,7 +141,8 @@ def push_to_hub(
 
 
 def check_push_access(repo_id: str, *, token: str | None = None, endpoint: str | None = None) -> str:
-    """Raise HubError unless `token` may push to `repo_id`; return it as "namespace/name".
+    """Raise HubError unless `token` may push to `repo_id` (ConfigError if it is no repo id); return it as
+    "namespace/name".
 
     One `whoami` call, nothing created: the token must be valid and not read-only, and the namespace must be
     its user's or one of the user's organisations (a read-only member is refused). A bare "name" goes to the
@@ -157,10 +154,7 @@ def check_push_access(repo_id: str, *, token: str | None = None, endpoint: str |
     except _PUSH_ERRORS as err:
         raise HubError(_push_error_message(err, repo_id, token)) from err
     full_id = repo_id if "/" in repo_id else f"{me['name']}/{repo_id}"
-    try:
-        validate_repo_id(full_id)
-    except HFValidationError as err:
-        raise HubError(f"--hub_model_id {repo_id} is not a valid repo id: {one_line(err)}") from err
+    check_repo_id(full_id)
     if me.get("auth", {}).get("accessToken", {}).get("role") == "read":
         raise HubError(f"the token is read-only and cannot push to {full_id}: {TOKEN_HINT} with a write token")
     writable = [me["name"], *(org["name"] for org in me.get("orgs", []) if org.get("roleInOrg") != "read")]
@@ -171,6 +165,14 @@ def check_push_access(repo_id: str, *, token: str | None = None, endpoint: str |
             f"change --hub_model_id, or {TOKEN_HINT} with a token of {namespace}"
         )
     return full_id
+
+
+def check_repo_id(repo_id: str) -> None:
+    """Raise ConfigError unless `repo_id` has the form of a Hub repo id, "namespace/name" or "name"."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ConfigError(f"--hub_model_id {repo_id} is not a valid repo id: {one_line(err)}") from err
 
 
 def push_options(args: Any) -> dict[str, Any]:
@@ -256,7 +258,7 @@ def load_pipeline(
     `revision` is a branch, tag or commit; `token` defaults to `HF_TOKEN` / the login cache; `kwargs` go to
     `hf_ddpm.pipeline.DDPMPipeline.from_pretrained` (`cache_dir`, `local_files_only`, `allow_pickle`, ...).
     Raises `HubError` in one line for a missing repo or revision, a token the Hub refuses, offline mode without
-    a cached copy, or a folder/repo that is not a DDPM pipeline.
+    a cached copy, a folder/repo that is not a DDPM pipeline, or weights that cannot be read.
     """
     from hf_ddpm.pipeline import DDPMPipeline  # torch and diffusers load here, not for pushing
 
@@ -264,13 +266,11 @@ def load_pipeline(
     try:
         _check_ddpm_index(source, revision, token, kwargs.get("cache_dir"), kwargs.get("local_files_only", False))
         return DDPMPipeline.from_pretrained(source, revision=revision, token=token, **kwargs)
-    except HubError:
+    except UserError:  # HubError, PickleWeightsError
         raise
     except (HfHubHTTPError, httpx.HTTPError, OSError, ValueError) as err:
         message = _load_error_message(err, source, revision, token, kwargs.get("cache_dir"))
-        if message is None:
-            raise
-        raise HubError(message) from err
+        raise HubError(message or f"cannot load model {source!r}: {one_line(err)}") from err
 
 
 def _push_client(token: str | None, endpoint: str | None) -> tuple[HfApi, str | None]:

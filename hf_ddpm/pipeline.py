@@ -28,13 +28,8 @@ from diffusers.pipelines.pipeline_loading_utils import _unwrap_model
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from hf_ddpm.cli import register_user_error
+from hf_ddpm.errors import PickleWeightsError
 from hf_ddpm.scheduler import DDPMScheduler
-
-
-@register_user_error
-class PickleWeightsError(OSError):
-    """Raised when a model has only pickle (`.bin`) weights and loading them was not allowed."""
 
 
 @dataclass

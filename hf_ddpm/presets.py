@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from diffusers import UNet2DModel
 
+from hf_ddpm.errors import ConfigError, MissingWeightsError
 from hf_ddpm.pipeline import refuse_pickle_only
 
 # Fields shared by every DDPM-style network: the paper's sinusoidal embedding (freq_shift 1, no sin/cos flip),
@@ -198,9 +199,9 @@ def list_presets() -> list[str]:
 
 
 def get_preset(name: str) -> Preset:
-    """The preset called `name`; an unknown name raises a ValueError that lists the valid ones."""
+    """The preset called `name`; an unknown name raises a ConfigError that lists the valid ones."""
     if name not in _PRESETS:
-        raise ValueError(
+        raise ConfigError(
             f"unknown UNet preset {name!r}; valid presets: {', '.join(list_presets())} "
             "(or give the path of a config.json or of a model folder)"
         )
@@ -211,13 +212,13 @@ def _config_file(path: Path) -> Path:
     for candidate in (path, path / "config.json", path / "unet" / "config.json"):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"no UNet config found at {path}: give a config.json, a UNet folder or a pipeline folder")
+    raise ConfigError(f"no UNet config found at {path}: give a config.json, a UNet folder or a pipeline folder")
 
 
 def unet_config(spec: str | dict[str, Any], **overrides: Any) -> dict[str, Any]:
     """The UNet2DModel config for a preset name, a config.json path, a model folder or a dict, with overrides.
 
-    Unknown override fields raise a ValueError naming them, so a typo never silently does nothing.
+    Unknown override fields raise a ConfigError naming them, so a typo never silently does nothing.
     """
     if isinstance(spec, dict):
         config = dict(spec)
@@ -231,7 +232,7 @@ def unet_config(spec: str | dict[str, Any], **overrides: Any) -> dict[str, Any]:
     valid = set(UNet2DModel._get_init_keys(UNet2DModel)) - {"self"}
     unknown = sorted(set(overrides) - valid)
     if unknown:
-        raise ValueError(f"unknown UNet2DModel field(s) {unknown}; valid fields: {', '.join(sorted(valid))}")
+        raise ConfigError(f"unknown UNet2DModel field(s) {unknown}; valid fields: {', '.join(sorted(valid))}")
     config.update(overrides)
     return config
 
@@ -251,7 +252,7 @@ def build_unet(spec: str | dict[str, Any], allow_pickle: bool = False, **overrid
         refuse_pickle_only(folder)
     safetensors = any(folder.glob("*.safetensors"))
     if not safetensors and not any(folder.glob("*.bin")):
-        raise FileNotFoundError(
+        raise MissingWeightsError(
             f"no UNet weights (.safetensors or .bin) in {folder}; to start from fresh weights give a config.json "
             "or a preset name"
         )

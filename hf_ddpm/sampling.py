@@ -39,9 +39,10 @@ from diffusers import (
 )
 from diffusers.utils import make_image_grid
 
-from hf_ddpm import hub
-from hf_ddpm.arguments import check_positive
-from hf_ddpm.cli import one_line
+from hf_ddpm.arguments import check_fp16_device, check_positive
+from hf_ddpm.distributed import Stream, is_main, run_sharded, seeded_generator
+from hf_ddpm.errors import ConfigError, DataError
+from hf_ddpm.hub import load_pipeline
 from hf_ddpm.pipeline import DDPMPipeline
 from hf_ddpm.scheduler import DDPMScheduler
 
@@ -110,9 +111,9 @@ RECOMMENDED_SAMPLER = "sde-dpmsolver++"
 
 
 def get_sampler(name: str) -> Sampler:
-    """The sampler called `name`; an unknown name raises a ValueError that lists the valid ones."""
+    """The sampler called `name`; an unknown name raises a ConfigError that lists the valid ones."""
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS)}")
+        raise ConfigError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS)}")
     return SAMPLERS[name]
 
 
@@ -203,34 +204,17 @@ def usage_snippet(
     return "\n".join(lines)
 
 
-def load_pipeline(model: str | Path, allow_pickle: bool = False) -> DDPMPipeline:
-    """`DDPMPipeline.from_pretrained` for command-line tools: a failure is one ValueError with a one-line message.
-
-    >>> pipe = load_pipeline("output")            # or a Hub repo id
-    """
-    try:
-        return hub.load_pipeline(model, allow_pickle=allow_pickle)
-    except (hub.HubError, OSError, ValueError) as err:
-        raise ValueError(f"cannot load model {str(model)!r}: {one_line(err)}") from err
-
-
 def image_generators(seed: int, indices: Sequence[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
-    """One `torch.Generator` per image index, seeded from (seed, index) alone.
+    """One `torch.Generator` per image index, seeded from (seed, index) alone (`distributed.Stream.IMAGES`).
 
-    The 64-bit seed of image i is `numpy.random.SeedSequence((seed, i)).generate_state(1, np.uint64)[0]`:
-    distinct (seed, i) pairs give well-mixed, unrelated streams (unlike `seed * K + i`, which collides once
-    i reaches K), and image i is the same whatever batch or process draws it. `seed` and the indices must be
-    non-negative. CPU generators (the default) also make the noise independent of the device: diffusers
-    draws it on the CPU and moves it.
+    The 64-bit seed of image i is `numpy.random.SeedSequence((seed, i)).generate_state(1, np.uint64)[0]`, so
+    image i is the same whatever batch or process draws it, and plain diffusers reproduces it (`usage_snippet`).
+    `seed` and the indices must be non-negative. CPU generators (the default) also make the noise independent
+    of the device: diffusers draws it on the CPU and moves it.
 
     >>> gens = image_generators(0, range(8, 16))     # the generators of images 8..15
     """
-    return [
-        torch.Generator(device=device).manual_seed(
-            int(np.random.SeedSequence((seed, i)).generate_state(1, np.uint64)[0])
-        )
-        for i in indices
-    ]
+    return [seeded_generator(Stream.IMAGES, seed, i, device=device) for i in indices]
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -255,10 +239,9 @@ def generate(
     (batched float kernels sum in a batch-size dependent order). The UNet runs in eval mode (no dropout) and is
     put back in its previous mode; pass an unwrapped UNet (`accelerator.unwrap_model`).
 
-    With an `accelerator`, process p generates images p, p + P, p + 2P, ... in batches of `batch_size`; every
-    process runs the same number of images (the last few past N are made and dropped) so none waits on another,
-    and the result is gathered so that every process returns all N images. Put the pipeline on
-    `accelerator.device` first; the UNet runs under `accelerator.autocast()`, so bf16 works on CPUs too.
+    With an `accelerator`, each process generates its block of ceil(N/P) images (`distributed.run_sharded`) in
+    batches of `batch_size`, and every process returns all N images. Put the pipeline on `accelerator.device`
+    first; the UNet runs under `accelerator.autocast()`, so bf16 works on CPUs too.
 
     Args:
         pipeline: a loaded pipeline (hf_ddpm's or plain diffusers'); its scheduler is not changed.
@@ -279,40 +262,35 @@ def generate(
     ```
     """
     if num_images < 1 or batch_size < 1:
-        raise ValueError(f"num_images and batch_size must be positive, got {num_images} and {batch_size}")
+        raise ConfigError(f"num_images and batch_size must be positive, got {num_images} and {batch_size}")
     steps = num_inference_steps or default_steps(sampler)
     pipe = sampling_pipeline(pipeline, sampler)
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    show = progress and (accelerator is None or accelerator.is_local_main_process)
-    per_process = math.ceil(num_images / world)
-    indices = list(range(rank, per_process * world, world))
+    show = progress and is_main(accelerator, local=True)
     autocast = accelerator.autocast() if accelerator else contextlib.nullcontext()
+
+    def draw(share: range) -> torch.Tensor:
+        batches = []
+        with autocast:
+            for start in range(share.start, share.stop, batch_size):
+                chunk = range(start, min(start + batch_size, share.stop))
+                pipe.set_progress_bar_config(
+                    disable=not show, leave=False, desc=f"batch {len(batches) + 1}/{math.ceil(len(share) / batch_size)}"
+                )
+                out = pipe(
+                    batch_size=len(chunk),
+                    generator=image_generators(seed, chunk),
+                    num_inference_steps=steps,
+                    output_type="pt",
+                )
+                batches.append(to_uint8(out.images))
+        return torch.cat(batches)
+
     was_training = pipe.unet.training
     pipe.unet.eval()  # no dropout, also when called from a training loop
-    batches = []
-    with autocast:
-        for start in range(0, per_process, batch_size):
-            chunk = indices[start : start + batch_size]
-            batch_number = start // batch_size + 1
-            pipe.set_progress_bar_config(
-                disable=not show,
-                leave=False,
-                desc=f"batch {batch_number}/{math.ceil(per_process / batch_size)}",
-            )
-            out = pipe(
-                batch_size=len(chunk),
-                generator=image_generators(seed, chunk),
-                num_inference_steps=steps,
-                output_type="pt",
-            )
-            batches.append(to_uint8(out.images))
-    pipe.unet.train(was_training)
-    images = torch.cat(batches)
-    if world > 1:
-        # gathered row p * per_process + k holds image p + k * world
-        gathered = accelerator.gather(images.to(accelerator.device)).cpu()
-        images = gathered.view(world, per_process, *images.shape[1:]).transpose(0, 1).flatten(0, 1)
-    return images[:num_images].cpu()
+    try:
+        return run_sharded(draw, num_images, accelerator)
+    finally:
+        pipe.unet.train(was_training)
 
 
 def _literal(value: Any) -> str:
@@ -376,13 +354,13 @@ def load_images(path: str | Path) -> torch.Tensor:
         if array.ndim == 3:
             array = array[..., None]
         if array.dtype != np.uint8 or array.ndim != 4:
-            raise ValueError(f"{path}: arr_0 must be uint8 (N, H, W, C), got {array.dtype} {array.shape}")
+            raise DataError(f"{path}: arr_0 must be uint8 (N, H, W, C), got {array.dtype} {array.shape}")
         return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
     if not path.is_dir():
-        raise ValueError(f"{path} is neither a folder of images nor an .npz file")
+        raise DataError(f"{path} is neither a folder of images nor an .npz file")
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {path}")
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {path}")
     loaded = []
     for f in files:
         with PIL.Image.open(f) as image:
@@ -390,7 +368,7 @@ def load_images(path: str | Path) -> torch.Tensor:
     mode = "L" if all(image.mode == "L" for image in loaded) else "RGB"
     arrays = [np.asarray(image.convert(mode)) for image in loaded]
     if len({a.shape for a in arrays}) > 1:
-        raise ValueError(f"images in {path} differ in size: {sorted({a.shape for a in arrays})}")
+        raise DataError(f"images in {path} differ in size: {sorted({a.shape for a in arrays})}")
     array = np.stack(arrays)
     return torch.from_numpy(array[..., None] if mode == "L" else array).permute(0, 3, 1, 2).contiguous()
 
@@ -422,10 +400,10 @@ class SamplingArguments:
             try:
                 get_sampler(self.sampler)
             except ValueError as err:
-                raise ValueError(f"--sampler: {err}") from None
+                raise ConfigError(f"--sampler: {err}") from None
         check_positive(self, ("batch_size", "num_inference_steps"))
         if self.seed < 0:
-            raise ValueError(f"--seed must be non-negative, got {self.seed}")
+            raise ConfigError(f"--seed must be non-negative, got {self.seed}")
 
 
 @dataclass
@@ -444,7 +422,7 @@ class SampleArguments(SamplingArguments):
         super().__post_init__()
         check_positive(self, ("num_images",))
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):
-            raise ValueError(f"--mixed_precision {self.mixed_precision!r} is not one of: no, fp16, bf16")
+            raise ConfigError(f"--mixed_precision {self.mixed_precision!r} is not one of: no, fp16, bf16")
 
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -455,8 +433,7 @@ def sample_images(model: str, args: SampleArguments) -> None:
     and written to `args.output` by the main process."""
     accelerator = accelerate.Accelerator(mixed_precision=args.mixed_precision)
     on_cpu = accelerator.device.type == "cpu"
-    if on_cpu and accelerator.mixed_precision == "fp16":
-        raise ValueError("fp16 needs a GPU; on a CPU use --mixed_precision bf16 (autocast) or no")
+    check_fp16_device(accelerator.mixed_precision, accelerator.device.type)
     pipe = load_pipeline(model, allow_pickle=args.allow_pickle)
     if not on_cpu and accelerator.mixed_precision in _DTYPES:
         pipe.unet.to(dtype=_DTYPES[accelerator.mixed_precision])

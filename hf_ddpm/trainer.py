@@ -5,16 +5,16 @@
         take a gradient step on  w(t) * || target(x_0, eps, t) - model(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t) ||^2
     until converged
 
-Data order, augmentation, timesteps and noise of micro-step m on process r come from generators seeded by
-(seed, m, r) and the epoch's permutation from (seed, epoch), so a resumed run continues exactly where it
-stopped without replaying batches, and N steps straight equal N/2 + resume + N/2 bit for bit on one process.
+Augmentation, timesteps and noise of micro-step m on process r come from a generator seeded by (seed, m, r)
+and the data order from one seeded by (seed, epoch) (`hf_ddpm.distributed.seeded_generator`, a stream each), so
+a resumed run continues exactly where it stopped without replaying batches, and N steps straight equal
+N/2 + resume + N/2 bit for bit on one process.
 The learning-rate schedule is stepped once per optimizer step, whatever the number of processes or
 gradient-accumulation steps, so `--lr_warmup_steps` always counts optimizer steps.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -35,9 +35,11 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from hf_ddpm import checkpointing, sampling
-from hf_ddpm.cli import register_user_error
-from hf_ddpm.data import BUILTIN_DIGITS, ImageDataset, load_data
+from hf_ddpm import checkpointing, distributed, sampling
+from hf_ddpm.arguments import check_fp16_device
+from hf_ddpm.atomic import write_json
+from hf_ddpm.data import BUILTIN_DIGITS, EpochOrder, ImageDataset, load_data
+from hf_ddpm.errors import TrainingError
 from hf_ddpm.hub import BackgroundPusher, push_options
 from hf_ddpm.pipeline import DDPMPipeline
 from hf_ddpm.presets import build_unet, learned_variance_unet
@@ -59,17 +61,6 @@ IMAGE_LOGGERS: dict[str, Callable[[GeneralTracker, str, torch.Tensor, int], None
         {key: [image.permute(1, 2, 0).squeeze(-1).numpy() for image in images]}, step
     ),
 }
-
-
-@register_user_error
-class TrainingError(RuntimeError):
-    """Training cannot start or go on; the message says why and what to do."""
-
-
-def derived_seed(*parts: Any) -> int:
-    """A 63-bit seed that depends only on `parts` (e.g. the run seed, the micro-step and the process index)."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def make_noise_scheduler(args: TrainingArguments) -> DDPMScheduler:
@@ -123,23 +114,6 @@ def load_training_data(args: TrainingArguments, unet: UNet2DModel) -> ImageDatas
     )
 
 
-class _EpochOrder:
-    """Row indices for micro-step m: a fresh seeded permutation each epoch, cut into global micro-batches."""
-
-    def __init__(self, num_rows: int, global_micro_batch: int, seed: int):
-        self.micro_steps_per_epoch = num_rows // global_micro_batch
-        self.num_rows, self.global_micro_batch, self.seed = num_rows, global_micro_batch, seed
-        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
-
-    def indices(self, micro_step: int, process_index: int, batch_size: int) -> list[int]:
-        epoch, position = divmod(micro_step, self.micro_steps_per_epoch)
-        if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(derived_seed(self.seed, "epoch", epoch))
-            self._epoch, self._perm = epoch, torch.randperm(self.num_rows, generator=generator)
-        start = position * self.global_micro_batch + process_index * batch_size
-        return self._perm[start : start + batch_size].tolist()
-
-
 # the vector extensions that decide CPU training speed, best first (bf16 autocast pays off only with the first)
 _ISA_LABELS = (("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
 
@@ -156,10 +130,10 @@ def _cpu_name() -> str:
 
 def _hardware(accelerator: Accelerator) -> str:
     if accelerator.device.type == "cuda":
-        return f"{accelerator.num_processes}x {torch.cuda.get_device_name(accelerator.device)}"
+        return f"{distributed.world_size(accelerator)}x {torch.cuda.get_device_name(accelerator.device)}"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return (
-        f"{accelerator.num_processes} process(es) on {_cpu_name()} ({cores} cores), "
+        f"{distributed.world_size(accelerator)} process(es) on {_cpu_name()} ({cores} cores), "
         f"{torch.get_num_threads()} torch thread(s) per process"
     )
 
@@ -201,15 +175,15 @@ class Trainer:
                 project_dir=str(self.output_dir), logging_dir=str(self.output_dir / args.logging_dir)
             ),
         )
-        if self.accelerator.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
-            raise TrainingError("--mixed_precision fp16 needs a GPU; on CPU use --mixed_precision bf16 or no")
+        # accelerate's config may ask for fp16 where --mixed_precision did not, or run on the CPU of a GPU machine
+        check_fp16_device(self.accelerator.mixed_precision, self.accelerator.device.type)
         self.resume = _check_output_dir(args, self.checkpoints_dir)
         # the main process pushes; it checks Hub access now, so a bad token fails in seconds, not after the run
         self.hub: BackgroundPusher | None = None
-        if args.push_to_hub and self.accelerator.is_main_process:
+        if args.push_to_hub and distributed.is_main(self.accelerator):
             self.hub = BackgroundPusher(args.output_dir, args.hub_model_id, **push_options(args))
         self.overwritten = None  # the earlier run, set aside by the main process; deleted once this one exported
-        if args.overwrite_output_dir and self.accelerator.is_main_process:
+        if args.overwrite_output_dir and distributed.is_main(self.accelerator):
             self.overwritten = checkpointing.set_aside(self.output_dir)
             if self.overwritten is not None:
                 logger.info("--overwrite_output_dir: moved the earlier run to %s until this one is exported",
@@ -222,7 +196,7 @@ class Trainer:
         self.timestep_sampler = create_timestep_sampler(args.timestep_sampler, args.num_train_timesteps)
         with self.accelerator.main_process_first():  # the main process decodes and caches, the others read it
             self.data = load_training_data(args, self.unet)
-        self.world = self.accelerator.num_processes
+        self.world = distributed.world_size(self.accelerator)
         self.global_micro_batch = args.train_batch_size * self.world
         self.global_batch = self.global_micro_batch * args.gradient_accumulation_steps
         if len(self.data) < self.global_micro_batch:
@@ -230,7 +204,7 @@ class Trainer:
                 f"the dataset has {len(self.data)} images, fewer than one global batch of {self.global_micro_batch} "
                 f"({args.train_batch_size} per process x {self.world} processes); lower --train_batch_size"
             )
-        self.order = _EpochOrder(len(self.data), self.global_micro_batch, args.seed)
+        self.order = EpochOrder(len(self.data), self.global_micro_batch, args.seed)
         steps_per_epoch = max(self.order.micro_steps_per_epoch // args.gradient_accumulation_steps, 1)
         self.max_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
         self.num_params = sum(p.numel() for p in self.unet.parameters())
@@ -262,6 +236,9 @@ class Trainer:
             )
             self.ema.to(self.accelerator.device)
             self.accelerator.register_for_checkpointing(self.ema)
+        # the bookkeeping that checkpoints carry: where the run is, how long it took, what evaluations found
+        self.global_step, self.micro_step, self.wall_time = 0, 0, 0.0
+        self.loss_avg: float | None = None  # smoothed over steps, for the progress bar and the summary
         self.best_score: float | None = None
         # one entry per --eval_every evaluation: step, training seconds so far (evaluations excluded), values
         self.eval_history: list[dict[str, float]] = []
@@ -270,22 +247,70 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Run to `max_steps`, checkpointing on the way; then export. Returns training_summary.json's results."""
         args, accelerator = self.args, self.accelerator
-        global_step, earlier_wall_time = 0, 0.0
+        # resume: weights, optimizer, RNG and timestep-sampler states and the bookkeeping come back from the
+        # checkpoint, so the run goes on bit for bit as if it had never stopped
+        self._resume()
+        # trackers: the hyper-parameters go with the curves they produced
+        self._start_trackers()
+        progress = tqdm(total=self.max_steps, initial=self.global_step, desc="train",
+                        disable=not distributed.is_main(accelerator, local=True))  # fmt: skip
+        self._started = time.perf_counter() - self.wall_time  # wall time counts the whole run, resumes included
+        self._last_log = (self.global_step, time.perf_counter())
+        self.model.train()
+        while self.global_step < self.max_steps:
+            # the step: micro-batches accumulate gradients until accelerate syncs them; then the optimizer, the
+            # learning rate and the EMA move once, so every schedule counts optimizer steps
+            loss, grad_norm = self._micro_step(self.micro_step)
+            self.micro_step += 1
+            if not accelerator.sync_gradients:
+                continue
+            self.lr_scheduler.step()
+            if self.ema is not None:
+                self.ema.step(self.unet.parameters())
+            self.global_step += 1
+            # logging: a loss that is no longer finite stops the run before it can overwrite a good checkpoint
+            step_loss = self._step_loss(loss)
+            progress.update(1)
+            if self.global_step % args.logging_steps == 0 or self.global_step == self.max_steps:
+                self._log(step_loss, grad_norm, progress)
+            # preview: a sample grid shows what the model draws, which the loss alone does not tell
+            if args.sample_every and self.global_step % args.sample_every == 0 and self.global_step < self.max_steps:
+                self._log_preview()
+            # eval: the metric on a few fast samples keeps the best weights in best/; its time is not training time
+            if args.eval_every and self.global_step % args.eval_every == 0:
+                began = time.perf_counter()
+                self._evaluate(self.global_step, train_seconds=began - self._started - self.eval_seconds)
+                self.eval_seconds += time.perf_counter() - began
+            # checkpoint + periodic push: a crash loses at most --checkpointing_steps, and the Hub follows the run
+            if self.global_step % args.checkpointing_steps == 0 or self.global_step == self.max_steps:
+                self._save_checkpoint()
+                self._push_progress()
+        progress.close()
+        # export: the pipeline, samples and summary are complete before the earlier run is deleted and the last push
+        return self._finish()
+
+    def _resume(self) -> None:
+        """Restore the checkpoint that --resume_from_checkpoint names, if any, and the run's bookkeeping."""
         if self.resume is not None:
-            state = checkpointing.load_checkpoint(accelerator, self.resume)
-            global_step, earlier_wall_time = state["global_step"], state["wall_time_s"]
+            state = checkpointing.load_checkpoint(self.accelerator, self.resume)
+            self.global_step, self.wall_time = state["global_step"], state["wall_time_s"]
             self.best_score = state.get("best_score")
             self.eval_history, self.eval_seconds = state.get("eval_history", []), state.get("eval_seconds", 0.0)
-            logger.info("resumed from %s at step %d", self.resume, global_step)
-        elif args.resume_from_checkpoint == "latest":
+            logger.info("resumed from %s at step %d", self.resume, self.global_step)
+        elif self.args.resume_from_checkpoint == "latest":
             logger.info("no checkpoint in %s yet; starting a fresh run", self.checkpoints_dir)
+        self.micro_step = self.global_step * self.args.gradient_accumulation_steps
+
+    def _start_trackers(self) -> None:
+        """Log the run's size and hardware; the main process starts the trackers with the hyper-parameters."""
+        args, accelerator = self.args, self.accelerator
         logger.info(
             "%d images, %s parameters; batch %d per process x %d process(es) x %d accumulation = global batch %d; "
             "%d optimizer steps; %s",
             len(self.data), f"{self.num_params:,}", args.train_batch_size, self.world,
             args.gradient_accumulation_steps, self.global_batch, self.max_steps, _hardware(accelerator),
         )  # fmt: skip
-        if accelerator.is_main_process:
+        if distributed.is_main(accelerator):
             self.output_dir.mkdir(parents=True, exist_ok=True)
             hparams = {k: v for k, v in args.to_dict().items() if isinstance(v, (int, float, str, bool))}
             accelerator.init_trackers("hf_ddpm", config=hparams)
@@ -293,86 +318,73 @@ class Trainer:
             if args.sample_every and no_images:
                 logger.warning("sample grids go to %s only, not to %s", ", ".join(IMAGE_LOGGERS), ", ".join(no_images))
 
-        progress = tqdm(
-            total=self.max_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="train"
+    def _step_loss(self, loss: torch.Tensor) -> float:
+        """The step's loss averaged over processes, folded into the smoothed loss; a non-finite one raises."""
+        step_loss = self.accelerator.gather(loss.detach()).mean().item()
+        if not math.isfinite(step_loss):
+            last = checkpointing.list_checkpoints(self.checkpoints_dir)
+            raise TrainingError(
+                f"the loss is {step_loss} at step {self.global_step}; stopped without saving. Last good checkpoint: "
+                f"{last[-1] if last else 'none'}. Lower --learning_rate, keep --max_grad_norm, or avoid fp16"
+            )
+        self.loss_avg = step_loss if self.loss_avg is None else 0.98 * self.loss_avg + 0.02 * step_loss
+        return step_loss
+
+    def _log(self, step_loss: float, grad_norm: torch.Tensor | None, progress: tqdm) -> None:
+        """Scalars for the trackers and the progress bar; the speed is over the steps since the last log."""
+        last_step, last_time = self._last_log
+        logs = {
+            "loss": step_loss,
+            "loss_smoothed": self.loss_avg,
+            "lr": self.lr_scheduler.get_last_lr()[0],
+            "images_per_second": (self.global_step - last_step) * self.global_batch / (time.perf_counter() - last_time),
+        }
+        if grad_norm is not None:
+            logs["grad_norm"] = float(grad_norm)
+        if self.ema is not None:
+            logs["ema_decay"] = self.ema.cur_decay_value
+        self.accelerator.log(logs, step=self.global_step)
+        progress.set_postfix(loss=f"{self.loss_avg:.4f}", img_s=f"{logs['images_per_second']:.0f}")
+        self._last_log = (self.global_step, time.perf_counter())
+
+    def _save_checkpoint(self) -> None:
+        """A resumable checkpoint of this step, with the bookkeeping that resuming restores."""
+        args = self.args
+        self.wall_time = time.perf_counter() - self._started
+        state = {"global_step": self.global_step, "micro_step": self.micro_step, "wall_time_s": self.wall_time,
+                 "best_score": self.best_score, "eval_history": self.eval_history,
+                 "eval_seconds": self.eval_seconds}  # fmt: skip
+        if self.hub and args.push_checkpoints:
+            self.hub.wait()  # the push reads checkpoints/, which saving rotates
+        checkpointing.save_checkpoint(
+            self.accelerator, self.checkpoints_dir, self.global_step, state, args.checkpoints_total_limit
         )
-        start = tick = time.perf_counter()
-        loss_avg, images_seen, wall_time = None, 0, earlier_wall_time
-        micro_step = global_step * args.gradient_accumulation_steps
-        self.model.train()
-        while global_step < self.max_steps:
-            loss, grad_norm = self._micro_step(micro_step)
-            micro_step += 1
-            if not accelerator.sync_gradients:
-                continue
-            self.lr_scheduler.step()
-            if self.ema is not None:
-                self.ema.step(self.unet.parameters())
-            global_step += 1
-            step_loss = accelerator.gather(loss.detach()).mean().item()
-            if not math.isfinite(step_loss):
-                last = checkpointing.list_checkpoints(self.checkpoints_dir)
-                raise TrainingError(
-                    f"the loss is {step_loss} at step {global_step}; stopped without saving. Last good checkpoint: "
-                    f"{last[-1] if last else 'none'}. Lower --learning_rate, keep --max_grad_norm, or avoid fp16"
-                )
-            loss_avg = step_loss if loss_avg is None else 0.98 * loss_avg + 0.02 * step_loss
-            images_seen += self.global_batch
-            progress.update(1)
 
-            if global_step % args.logging_steps == 0 or global_step == self.max_steps:
-                elapsed = time.perf_counter() - tick
-                logs = {
-                    "loss": step_loss,
-                    "loss_smoothed": loss_avg,
-                    "lr": self.lr_scheduler.get_last_lr()[0],
-                    "images_per_second": images_seen / elapsed,
-                }
-                if grad_norm is not None:
-                    logs["grad_norm"] = float(grad_norm)
-                if self.ema is not None:
-                    logs["ema_decay"] = self.ema.cur_decay_value
-                accelerator.log(logs, step=global_step)
-                progress.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{logs['images_per_second']:.0f}")
-                images_seen, tick = 0, time.perf_counter()
+    def _push_progress(self) -> None:
+        """--hub_push_every N: every N-th checkpoint before the last also exports and pushes the run."""
+        args = self.args
+        saved = self.global_step // args.checkpointing_steps
+        push_now = args.push_to_hub and args.hub_push_every and saved % args.hub_push_every == 0
+        if push_now and self.global_step < self.max_steps:  # the last push follows the final export
+            self._export()  # on every process, like every export
+            if self.hub:
+                self.hub.push(f"step {self.global_step}")
 
-            if args.sample_every and global_step % args.sample_every == 0 and global_step < self.max_steps:
-                self._log_preview(global_step)
-            if args.eval_every and global_step % args.eval_every == 0:
-                began = time.perf_counter()
-                self._evaluate(global_step, train_seconds=earlier_wall_time + began - start - self.eval_seconds)
-                self.eval_seconds += time.perf_counter() - began
-            wall_time = earlier_wall_time + time.perf_counter() - start
-            if global_step % args.checkpointing_steps == 0 or global_step == self.max_steps:
-                state = {"global_step": global_step, "micro_step": micro_step, "wall_time_s": wall_time,
-                         "best_score": self.best_score, "eval_history": self.eval_history,
-                         "eval_seconds": self.eval_seconds}  # fmt: skip
-                if self.hub and args.push_checkpoints:
-                    self.hub.wait()  # the push reads checkpoints/, which saving rotates
-                checkpointing.save_checkpoint(
-                    accelerator, self.checkpoints_dir, global_step, state, args.checkpoints_total_limit
-                )
-                saved = global_step // args.checkpointing_steps
-                push_now = args.push_to_hub and args.hub_push_every and saved % args.hub_push_every == 0
-                if push_now and global_step < self.max_steps:
-                    self._export(global_step, wall_time, loss_avg)  # on every process: it samples on all
-                    if self.hub:
-                        self.hub.push(f"step {global_step}")
-        progress.close()
-
-        results = self._export(global_step, wall_time, loss_avg, final_samples=True)
+    def _finish(self) -> dict[str, Any]:
+        """The final export; then the earlier run (--overwrite_output_dir) is deleted and the run is pushed."""
+        results = self._export(final_samples=True)
         if self.overwritten is not None:
             shutil.rmtree(self.overwritten)
-        accelerator.end_training()  # the logs are complete before they are pushed, and even if the push fails
+        self.accelerator.end_training()  # the logs are complete before they are pushed, and even if the push fails
         if self.hub:
-            self.hub.finish(f"end of training, step {global_step}")
+            self.hub.finish(f"end of training, step {self.global_step}")
         return results
 
     def _micro_step(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forward and backward on this process's share of micro-batch `micro_step`; steps the optimizer on sync."""
         args, accelerator = self.args, self.accelerator
-        rank = accelerator.process_index
-        generator = torch.Generator().manual_seed(derived_seed(args.seed, micro_step, rank))
+        rank = distributed.rank(accelerator)
+        generator = distributed.seeded_generator(distributed.Stream.MICRO_BATCHES, args.seed, micro_step, rank)
         rows = self.order.indices(micro_step, rank, args.train_batch_size)
         x0 = self.data.get_batch(rows, generator, random_flip=args.random_flip)
         timesteps, weights = self.timestep_sampler.sample(len(rows), "cpu", generator)
@@ -402,8 +414,8 @@ class Trainer:
             self.timestep_sampler.update(*accelerator.gather((timesteps, losses.detach())))
         return loss, grad_norm
 
-    def _sampling_pipeline(self) -> DDPMPipeline:
-        """A pipeline on a copy of the weights that samples are drawn from: the EMA ones when EMA is on."""
+    def _ema_pipeline(self) -> DDPMPipeline:
+        """A pipeline on a copy of the weights that are exported and sampled from: the EMA ones when EMA is on."""
         copy = UNet2DModel.from_config(self.unet.config).to(self.accelerator.device)
         if self.ema is None:
             copy.load_state_dict(self.unet.state_dict())
@@ -414,11 +426,11 @@ class Trainer:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def _log_preview(self, step: int) -> None:
+    def _log_preview(self) -> None:
         """A few-step sample grid for every tracker; every process draws its share, so none waits into a timeout."""
         args = self.args
         images = sampling.generate(
-            self._sampling_pipeline(),
+            self._ema_pipeline(),
             args.num_preview_images,
             sampler=args.preview_sampler,
             num_inference_steps=args.preview_steps,
@@ -427,10 +439,10 @@ class Trainer:
             accelerator=self.accelerator,
             progress=False,
         )
-        if self.accelerator.is_main_process:
+        if distributed.is_main(self.accelerator):
             for tracker in self.accelerator.trackers:
                 if tracker.name in IMAGE_LOGGERS:
-                    IMAGE_LOGGERS[tracker.name](tracker, "samples", images, step)
+                    IMAGE_LOGGERS[tracker.name](tracker, "samples", images, self.global_step)
 
     def _evaluate(self, step: int, train_seconds: float) -> None:
         """--eval_every: the metric on a few fast samples, logged; the EMA pipeline goes to best/ when it improves,
@@ -439,7 +451,7 @@ class Trainer:
         from hf_ddpm.model_card import write_model_card
 
         args = self.args
-        pipe = self._sampling_pipeline()
+        pipe = self._ema_pipeline()
         steps = args.preview_steps or sampling.default_steps(args.preview_sampler)
         setup = {"sampler": args.preview_sampler, "num_inference_steps": steps, "seed": args.seed,
                  "batch_size": evaluation.DEFAULT_BATCH_SIZE, "nll_clip_denoised": True}  # fmt: skip
@@ -457,11 +469,11 @@ class Trainer:
         logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
         if improved:
             self.best_score = score
-            if self.accelerator.is_main_process:
+            if distributed.is_main(self.accelerator):
                 best = self.output_dir / BEST_DIR
                 (best / evaluation.RESULTS_FILE).unlink(missing_ok=True)  # earlier results were of earlier weights
                 checkpointing.export_pipeline(pipe, best)
-                checkpointing.write_json(best / "best_eval.json", {"global_step": step, "metric": key, **values})
+                write_json(best / "best_eval.json", {"global_step": step, "metric": key, **values})
                 # The reference is the training set as loaded: its first --max_train_samples rows, if set.
                 entries = evaluation.result_entries(
                     values, **setup, num_samples=args.eval_num_samples, num_reference=len(self.data),
@@ -472,14 +484,14 @@ class Trainer:
                 write_model_card(best)
             self.accelerator.wait_for_everyone()
 
-    def _export(self, step: int, wall_time: float, loss_avg: float | None, final_samples: bool = False) -> dict:
+    def _export(self, final_samples: bool = False) -> dict[str, Any]:
         """Write the pipeline (EMA weights), samples.png, training_summary.json and the model card."""
         from hf_ddpm.model_card import write_model_card
 
-        args, accelerator = self.args, self.accelerator
+        args, accelerator, step = self.args, self.accelerator, self.global_step
         if self.hub:
             self.hub.wait()  # never rewrite the folder while a push reads it
-        pipe = self._sampling_pipeline()
+        pipe = self._ema_pipeline()
         if final_samples:
             images = sampling.generate(
                 pipe,
@@ -489,28 +501,28 @@ class Trainer:
                 seed=args.seed,
                 batch_size=min(args.num_final_images, 256),
                 accelerator=accelerator,
-                progress=accelerator.is_main_process,
+                progress=distributed.is_main(accelerator),
             )
         results = {
             "global_step": step,
             "num_parameters": self.num_params,
             "world_size": self.world,
             "global_batch_size": self.global_batch,
-            "wall_time_s": round(wall_time, 1),
+            "wall_time_s": round(self.wall_time, 1),
             "eval_seconds": round(self.eval_seconds, 1),
             "eval_history": self.eval_history,
-            "images_per_second": round(step * self.global_batch / max(wall_time, 1e-9), 1),
-            "final_loss": loss_avg,
+            "images_per_second": round(step * self.global_batch / max(self.wall_time, 1e-9), 1),
+            "final_loss": self.loss_avg,
             "hardware": _hardware(accelerator),
             "mixed_precision": accelerator.mixed_precision,
             "num_train_images": len(self.data),
             "dataset": args.train_data_dir or args.dataset_name or BUILTIN_DIGITS,
         }
-        if accelerator.is_main_process:
+        if distributed.is_main(accelerator):
             checkpointing.export_pipeline(pipe, self.output_dir)
             if final_samples:
                 sampling.save_images(images, self.output_dir / SAMPLES_FILE)
-            checkpointing.write_json(self.output_dir / SUMMARY_FILE, {"config": args.to_dict(), "results": results})
+            write_json(self.output_dir / SUMMARY_FILE, {"config": args.to_dict(), "results": results})
             write_model_card(self.output_dir, repo_id=args.hub_model_id)
         accelerator.wait_for_everyone()
         return results

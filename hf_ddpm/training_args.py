@@ -26,7 +26,10 @@ from accelerate.utils import is_wandb_available
 from diffusers.optimization import SchedulerType
 from transformers import HfArgumentParser
 
+from hf_ddpm.arguments import check_fp16_device, parse_into_dataclasses
 from hf_ddpm.data import DataArguments
+from hf_ddpm.errors import ConfigError
+from hf_ddpm.hub import check_repo_id
 from hf_ddpm.presets import get_preset, list_presets
 from hf_ddpm.sampling import RECOMMENDED_SAMPLER, SAMPLERS
 from hf_ddpm.scheduler import LOSS_WEIGHTINGS, PREDICTION_TYPES, VARIANCE_TYPES
@@ -180,17 +183,20 @@ class TrainingArguments(DataArguments):
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 shown = ", ".join(str(v) for v in valid if v is not None)
-                raise ValueError(f"--{name} {getattr(self, name)!r} is not one of: {shown}")
+                raise ConfigError(f"--{name} {getattr(self, name)!r} is not one of: {shown}")
         positive = ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "logging_steps")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+                raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.max_train_steps is not None and self.max_train_steps < 1:
-            raise ValueError(f"--max_train_steps must be at least 1, got {self.max_train_steps}")
+            raise ConfigError(f"--max_train_steps must be at least 1, got {self.max_train_steps}")
         if self.report_to == "wandb" and not is_wandb_available():  # accelerate would drop it with a debug line
-            raise ValueError('--report_to wandb needs wandb: pip install -e ".[wandb]" (or pip install wandb)')
+            raise ConfigError('--report_to wandb needs wandb: pip install -e ".[wandb]" (or pip install wandb)')
         if self.push_to_hub and not self.hub_model_id:
-            raise ValueError("--push_to_hub needs --hub_model_id org/name (or a name, for the token's own user)")
+            raise ConfigError("--push_to_hub needs --hub_model_id org/name (or a name, for the token's own user)")
+        if self.hub_model_id is not None:
+            check_repo_id(self.hub_model_id)
+        check_fp16_device(self.mixed_precision)
 
     def to_dict(self) -> dict[str, Any]:
         """All arguments, without secrets: what training_summary.json and the model card record."""
@@ -217,7 +223,7 @@ def parse_training_args(argv: list[str] | None = None) -> TrainingArguments:
     shown = f"--preset {preset}" + (f" and --config {config}" if config else "")
     parser = _parser(description=f"Train a DDPM. The defaults shown are what {shown} make of them.")
     parser.set_defaults(**defaults)
-    args, _ = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    args, _ = parse_into_dataclasses(parser, argv)
     return args
 
 
@@ -244,7 +250,7 @@ def _run_length_source(given: dict[str, Any], from_file: dict[str, Any], config:
     for where, values in (("on the command line", given), (f"in --config {config}", from_file)):
         named = RUN_LENGTH & values.keys()
         if len(named) == len(RUN_LENGTH):
-            raise ValueError(
+            raise ConfigError(
                 f"--max_train_steps and --num_epochs are both given {where}: give one of them "
                 "(optimizer steps, or passes over the data)"
             )
@@ -256,16 +262,16 @@ def _run_length_source(given: dict[str, Any], from_file: dict[str, Any], config:
 def _read_config_file(path: str) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
-        raise ValueError(f"--config {path}: no such file")
+        raise ConfigError(f"--config {path}: no such file")
     text = file.read_text()
     try:
         values = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as err:
-        raise ValueError(f"--config {path}: not valid {'JSON' if file.suffix == '.json' else 'YAML'}: {err}") from err
+        raise ConfigError(f"--config {path}: not valid {'JSON' if file.suffix == '.json' else 'YAML'}: {err}") from err
     if not isinstance(values, dict):
-        raise ValueError(f"--config {path}: expected a mapping of argument names to values")
+        raise ConfigError(f"--config {path}: expected a mapping of argument names to values")
     known = {f.name for f in fields(TrainingArguments)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"--config {path}: unknown argument(s) {unknown}; see scripts/train.py --help")
+        raise ConfigError(f"--config {path}: unknown argument(s) {unknown}; see scripts/train.py --help")
     return values

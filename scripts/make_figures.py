@@ -20,7 +20,8 @@ from diffusers.utils import logging as diffusers_logging
 from hf_ddpm.cli import run_cli
 from hf_ddpm.data import BUILTIN_DIGITS, load_image_dataset
 from hf_ddpm.figures import forward_process_figure, reverse_process_figure, sample_grid_figure
-from hf_ddpm.sampling import SAMPLERS, default_steps, generate, load_pipeline
+from hf_ddpm.hub import load_pipeline
+from hf_ddpm.sampling import SAMPLERS, default_steps, generate
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -13,7 +13,8 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from hf_ddpm import data
-from hf_ddpm.data import BUILTIN_DIGITS, DataError, digits_images, digits_labels, load_image_dataset
+from hf_ddpm.data import BUILTIN_DIGITS, EpochOrder, digits_images, digits_labels, load_image_dataset
+from hf_ddpm.errors import DataError
 
 RGB = (200, 100, 50)
 
@@ -362,3 +363,14 @@ def test_missing_or_ambiguous_image_column(tmp_path):
 def test_invalid_settings(kwargs, message):
     with pytest.raises(DataError, match=message):
         load_image_dataset(**kwargs)
+
+
+def test_epoch_order_gives_disjoint_rank_shards_of_one_global_batch_and_new_permutations():
+    order = EpochOrder(num_rows=20, global_micro_batch=8, seed=0)
+    assert order.micro_steps_per_epoch == 2
+    shards = [order.indices(0, rank, 4) for rank in (0, 1)]
+    assert len(set(shards[0]) | set(shards[1])) == 8
+    epoch0 = order.indices(0, 0, 8) + order.indices(1, 0, 8)
+    assert len(set(epoch0)) == 16
+    assert order.indices(2, 0, 8) != order.indices(0, 0, 8)  # a fresh permutation each epoch
+    assert EpochOrder(20, 8, 0).indices(3, 1, 4) == order.indices(3, 1, 4)  # position alone decides

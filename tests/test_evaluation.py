@@ -19,8 +19,9 @@ from transformers import Dinov2Config, Dinov2Model
 
 from hf_ddpm import evaluation
 from hf_ddpm.data import digits_images, load_image_dataset
+from hf_ddpm.errors import MissingWeightsError
 from hf_ddpm.evaluation import EvaluationArguments, evaluate, evaluate_pipeline, evaluator, extract_features
-from hf_ddpm.evaluation.feature_extractors import DINOv2Features, FeatureExtractor, MissingWeightsError
+from hf_ddpm.evaluation.feature_extractors import DINOv2Features, FeatureExtractor
 from hf_ddpm.pipeline import DDPMPipeline
 from hf_ddpm.presets import build_unet
 from hf_ddpm.sampling import SamplingArguments, image_generators

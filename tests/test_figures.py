@@ -125,4 +125,5 @@ def test_make_figures_script_bad_model_is_one_line(tmp_path, monkeypatch, capfd,
         runpy.run_path(str(MAKE_FIGURES), run_name="__main__")
     assert exit_info.value.code == 1
     error = capfd.readouterr().err  # run_cli prints the one line, nothing before it
-    assert error.startswith("error: cannot load model") and error.count("\n") == 1
+    assert error.startswith("error: ") and error.count("\n") == 1
+    assert error.endswith("nothing is neither a local folder nor a valid Hub repo id\n")

@@ -32,6 +32,7 @@ from PIL import Image
 
 import hf_ddpm.hub
 import hf_ddpm.trainer
+from hf_ddpm.errors import ConfigError
 from hf_ddpm.hub import TOKEN_HINT, BackgroundPusher, HubError, check_push_access, load_pipeline, push_to_hub, redact
 from hf_ddpm.model_card import card_was_edited, write_model_card
 from hf_ddpm.pipeline import DDPMPipeline
@@ -595,7 +596,7 @@ def test_training_checks_hub_access_before_building_anything(
 def test_access_check_accepts_the_users_and_their_orgs_namespaces_and_names_a_bare_repo(hub: HubServer) -> None:
     assert check_push_access("ddpm-tiny", token=TOKEN, endpoint=hub.url) == REPO
     assert check_push_access(f"{ORG}/ddpm", token=TOKEN, endpoint=hub.url) == f"{ORG}/ddpm"
-    with pytest.raises(HubError, match="^--hub_model_id alice/not valid! is not a valid repo id"):
+    with pytest.raises(ConfigError, match="^--hub_model_id alice/not valid! is not a valid repo id"):
         check_push_access("alice/not valid!", token=TOKEN, endpoint=hub.url)
     assert [r.path for r in hub.requests] == ["/api/whoami-v2"] * 3 and not hub.repos
 

@@ -14,6 +14,7 @@ import torch
 from transformers import Dinov2Config, Dinov2Model
 
 from hf_ddpm.data import digits_images, digits_labels
+from hf_ddpm.errors import MissingWeightsError
 from hf_ddpm.evaluation import feature_extractors
 from hf_ddpm.evaluation.digits_classifier import DEFAULT_CONFIG, DEFAULT_WEIGHTS, heldout_split
 from hf_ddpm.evaluation.feature_extractors import (
@@ -23,7 +24,6 @@ from hf_ddpm.evaluation.feature_extractors import (
     DigitsFeatures,
     DINOv2Features,
     InceptionV3Features,
-    MissingWeightsError,
     build_feature_extractor,
     pil_resize,
 )

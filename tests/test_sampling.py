@@ -262,7 +262,7 @@ def restore_diffusers_verbosity():
         ("tiny-8", ["--seed", "-1"], "--seed must be non-negative"),
         ("tiny-8", ["--mixed_precision", "fp16"], "fp16 needs a GPU"),
         ("tmp/no-such-dir", [], "no-such-dir is neither a local folder nor a valid Hub repo id"),
-        ("someone/not-a-model", [], "cannot load model 'someone/not-a-model': "),  # offline Hub id
+        ("someone/not-a-model", [], "someone/not-a-model is not in the HF cache"),  # offline Hub id
     ],
 )
 def test_script_errors_are_one_line_and_non_zero(

@@ -14,9 +14,9 @@ from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
 from hf_ddpm import checkpointing
-from hf_ddpm.pipeline import PickleWeightsError
+from hf_ddpm.errors import PickleWeightsError, TrainingError
 from hf_ddpm.presets import build_unet
-from hf_ddpm.trainer import Trainer, TrainingError, _EpochOrder, train
+from hf_ddpm.trainer import Trainer, train
 from hf_ddpm.training_args import parse_training_args
 
 FAST = [
@@ -92,17 +92,6 @@ def test_resume_is_bit_exact_and_does_not_replay_batches(tmp_path, monkeypatch):
     a = load_file(straight / "checkpoints/checkpoint-8/model.safetensors")
     b = load_file(resumed / "checkpoints/checkpoint-8/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed training weights differ from the straight run"
-
-
-def test_epoch_order_gives_disjoint_rank_shards_of_one_global_batch_and_new_permutations():
-    order = _EpochOrder(num_rows=20, global_micro_batch=8, seed=0)
-    assert order.micro_steps_per_epoch == 2
-    shards = [order.indices(0, rank, 4) for rank in (0, 1)]
-    assert len(set(shards[0]) | set(shards[1])) == 8
-    epoch0 = order.indices(0, 0, 8) + order.indices(1, 0, 8)
-    assert len(set(epoch0)) == 16
-    assert order.indices(2, 0, 8) != order.indices(0, 0, 8)  # a fresh permutation each epoch
-    assert _EpochOrder(20, 8, 0).indices(3, 1, 4) == order.indices(3, 1, 4)  # position alone decides
 
 
 def test_checkpoint_limit_keeps_the_newest(tmp_path):

@@ -7,8 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import hf_ddpm.training_args
+from hf_ddpm.arguments import check_fp16_device
+from hf_ddpm.errors import ConfigError
 from hf_ddpm.presets import get_preset
 from hf_ddpm.training_args import TrainingArguments, parse_training_args
 
@@ -118,6 +121,26 @@ def test_report_to_wandb_without_wandb_fails_before_anything_is_built(monkeypatc
 def test_push_to_hub_without_a_repo_id_is_refused() -> None:
     with pytest.raises(ValueError, match="--push_to_hub needs --hub_model_id"):
         parse_training_args(["--push_to_hub"])
+
+
+@pytest.mark.parametrize("repo_id", ["alice/not valid!", "a/b/c", "alice/..dots", "x" * 97])
+def test_a_malformed_hub_model_id_is_a_config_error(repo_id: str) -> None:
+    with pytest.raises(ConfigError, match=f"^--hub_model_id {re.escape(repo_id)} is not a valid repo id"):
+        parse_training_args(["--push_to_hub", "--hub_model_id", repo_id])
+    assert parse_training_args(["--hub_model_id", "ddpm-digits"]).hub_model_id == "ddpm-digits"  # the token's user
+    assert parse_training_args(["--hub_model_id", "org/ddpm.v2_a-b"]).hub_model_id == "org/ddpm.v2_a-b"
+
+
+def test_fp16_without_a_gpu_is_refused_before_anything_is_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="--mixed_precision fp16 needs a GPU"):
+        parse_training_args(["--mixed_precision", "fp16"])
+    assert parse_training_args(["--mixed_precision", "bf16"]).mixed_precision == "bf16"
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    assert parse_training_args(["--mixed_precision", "fp16"]).mixed_precision == "fp16"
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):  # accelerate's config chose fp16, or the CPU
+        check_fp16_device("fp16", "cpu")
+    check_fp16_device("fp16", "cuda")
 
 
 def test_the_default_run_is_the_measured_recipe_with_fast_samples() -> None:

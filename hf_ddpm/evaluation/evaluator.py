@@ -25,6 +25,8 @@ from accelerate.utils import gather_object
 
 from hf_ddpm.arguments import check_positive
 from hf_ddpm.data import DataArguments, ImageDataset, load_data
+from hf_ddpm.distributed import is_main, run_sharded
+from hf_ddpm.errors import ConfigError
 from hf_ddpm.evaluation.feature_extractors import (
     DINOV2_DEFAULT,
     INCEPTION_WEIGHTS_FILE,
@@ -43,6 +45,7 @@ from hf_ddpm.evaluation.metrics import (
     stats_cache_path,
 )
 from hf_ddpm.evaluation.results import RESULTS_FILE, dataset_label, result_entries, save_results, split_label
+from hf_ddpm.hub import load_pipeline
 from hf_ddpm.pipeline import DDPMPipeline
 from hf_ddpm.sampling import (
     SamplingArguments,
@@ -50,7 +53,6 @@ from hf_ddpm.sampling import (
     generate,
     image_generators,
     load_images,
-    load_pipeline,
 )
 from hf_ddpm.scheduler import DDPMScheduler
 
@@ -68,10 +70,10 @@ _MEMORY_STATS: dict[str, FeatureStats] = {}
 
 
 def check_metrics(metrics: Sequence[str]) -> list[str]:
-    """The metric names, de-duplicated in order; unknown names raise a ValueError listing the valid ones."""
+    """The metric names, de-duplicated in order; unknown names raise a ConfigError listing the valid ones."""
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
-        raise ValueError(f"unknown metric(s) {unknown or list(metrics)}; valid metrics: {', '.join(METRICS)}")
+        raise ConfigError(f"unknown metric(s) {unknown or list(metrics)}; valid metrics: {', '.join(METRICS)}")
     return list(dict.fromkeys(metrics))
 
 
@@ -114,16 +116,8 @@ class EvaluationArguments:
         try:
             self.metric_names = check_metrics([name.strip() for name in self.metrics.split(",") if name.strip()])
         except ValueError as err:
-            raise ValueError(f"--metrics: {err}") from None
+            raise ConfigError(f"--metrics: {err}") from None
         check_positive(self, ("num_images", "heldout_last"))
-
-
-def _rank_world(accelerator: accelerate.Accelerator | None) -> tuple[int, int]:
-    return (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-
-
-def _is_main(accelerator: accelerate.Accelerator | None) -> bool:
-    return accelerator is None or accelerator.is_main_process
 
 
 def distributed_batches(
@@ -134,19 +128,16 @@ def distributed_batches(
 ) -> dict[str, torch.Tensor]:
     """Run `fn(batch_index, rows)` over global batches of `batch_size` rows; return the outputs, concatenated.
 
-    Batch b holds rows b*batch_size ... (b+1)*batch_size - 1 whatever the number of processes P; process p runs
-    batches p*ceil(B/P) ... (p+1)*ceil(B/P) - 1, and the outputs (CPU tensors) are gathered onto every process in
-    row order, so P processes return exactly what one process does.
+    Batch b holds rows b*batch_size ... (b+1)*batch_size - 1 whatever the number of processes P; the batches are
+    shared out by `distributed.run_sharded` and gathered onto every process in row order, so P processes return
+    exactly what one process does.
     """
-    rank, world = _rank_world(accelerator)
-    num_batches = math.ceil(num_items / batch_size)
-    per_process = math.ceil(num_batches / world)
-    local = []
-    for b in range(rank * per_process, min((rank + 1) * per_process, num_batches)):
-        rows = list(range(b * batch_size, min((b + 1) * batch_size, num_items)))
-        local.append((b, {key: value.detach().cpu() for key, value in fn(b, rows).items()}))
-    gathered = sorted(gather_object(local) if world > 1 else local, key=lambda item: item[0])
-    return {key: torch.cat([outputs[key] for _, outputs in gathered]) for key in gathered[0][1]}
+
+    def run(batches: range) -> dict[str, torch.Tensor]:
+        outputs = [fn(b, list(range(b * batch_size, min((b + 1) * batch_size, num_items)))) for b in batches]
+        return {key: torch.cat([output[key] for output in outputs]) for key in outputs[0]}
+
+    return run_sharded(run, math.ceil(num_items / batch_size), accelerator)
 
 
 def extract_features(
@@ -245,7 +236,7 @@ def reference_stats(
         return FeatureStats.load(path)
     features = extract_features(extractor, reference, rows, batch_size, accelerator)["features"]
     stats = FeatureStats.from_features(features)
-    if _is_main(accelerator):
+    if is_main(accelerator):
         stats.save(path, metadata=key)
     return stats
 
@@ -266,7 +257,7 @@ def _check_sizes(
             try:
                 check_enough_samples(count, dim, what)
             except ValueError as err:
-                raise ValueError(f"{metric}: {err}") from None
+                raise ConfigError(f"{metric}: {err}; raise --num_images or use more reference images") from None
 
 
 def _compute_metrics(
@@ -364,7 +355,7 @@ def build_extractors(
 
 def _check_channels(sample_channels: int, reference: ImageDataset | None) -> None:
     if reference is not None and sample_channels != reference.channels:
-        raise ValueError(
+        raise ConfigError(
             f"the samples have {sample_channels} channel(s) but the reference images have {reference.channels}; "
             "pass --channels to match the model"
         )
@@ -460,7 +451,7 @@ def evaluate(
     if evaluation.samples is not None:
         samples = load_images(evaluation.samples)
         if evaluation.num_images is not None and evaluation.num_images > len(samples):
-            raise ValueError(
+            raise ConfigError(
                 f"--num_images is {evaluation.num_images} but --samples {evaluation.samples} holds only "
                 f"{len(samples)} images"
             )
@@ -478,7 +469,7 @@ def evaluate(
         with accelerator.main_process_first() if accelerator else contextlib.nullcontext():
             reference = load_data(data, resolution, evaluation.channels or sample_channels)
         if heldout_last is not None and heldout_last > len(reference):
-            raise ValueError(f"--heldout_last is {heldout_last} but the reference split has {len(reference)} images")
+            raise ConfigError(f"--heldout_last is {heldout_last} but the reference split has {len(reference)} images")
         rows = range(len(reference) - (heldout_last or len(reference)), len(reference))
         _check_channels(sample_channels, reference)
     _check_sizes(metrics, extractors, n, len(rows))
@@ -486,7 +477,7 @@ def evaluate(
     if generating:
         samples = generate(
             pipeline, n, sampler=sampler, num_inference_steps=steps, seed=sampling.seed,
-            batch_size=sampling.batch_size, accelerator=accelerator, progress=_is_main(accelerator),
+            batch_size=sampling.batch_size, accelerator=accelerator, progress=is_main(accelerator),
         )  # fmt: skip
     dataset = dataset_label(data.dataset_name, data.train_data_dir)
     rows_label = split_label(data.split, last=heldout_last)
@@ -501,7 +492,7 @@ def evaluate(
     output_json = evaluation.output
     if output_json is None and folder is not None:
         output_json = folder / RESULTS_FILE
-    if output_json is not None and _is_main(accelerator):
+    if output_json is not None and is_main(accelerator):
         setup = (sampler, steps) if generating else (sampling.sampler, sampling.num_inference_steps)
         entries = result_entries(
             results, sampler=setup[0], num_inference_steps=setup[1], num_samples=n, num_reference=len(rows),

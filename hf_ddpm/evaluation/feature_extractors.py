@@ -39,6 +39,7 @@ import torch
 from huggingface_hub import constants as hub_constants
 from torch import nn
 
+from hf_ddpm.errors import ConfigError, MissingWeightsError
 from hf_ddpm.evaluation.digits_classifier import DEFAULT_CONFIG, DEFAULT_WEIGHTS, RESOLUTION, load_digits_classifier
 from hf_ddpm.evaluation.inception import INCEPTION_SIZE, InceptionV3, load_inception_v3, resize_bilinear_tf1
 
@@ -49,10 +50,6 @@ DINOV2_DEFAULT = "facebook/dinov2-base"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EXTRACTORS = ("inception", "dinov2", "digits")
-
-
-class MissingWeightsError(FileNotFoundError):
-    """A network's weights are not on this machine and cannot be downloaded; the message says what to do."""
 
 
 class FeatureExtractor(nn.Module):
@@ -214,7 +211,7 @@ class DigitsFeatures(FeatureExtractor):
 
     def extract(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         if images.shape[1] != 1:
-            raise ValueError(f"the digits metric needs grayscale (1-channel) images, got {images.shape[1]} channels")
+            raise ConfigError(f"the digits metric needs grayscale (1-channel) images, got {images.shape[1]} channels")
         x = images.float()
         if x.shape[-2:] != (RESOLUTION, RESOLUTION):
             x = pil_resize(x, RESOLUTION, PIL.Image.Resampling.BILINEAR)

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hf_ddpm.errors import ConfigError
+
 INCEPTION_SIZE = 299  # the network's input resolution
 
 
@@ -234,7 +236,7 @@ def load_inception_v3(path: str | os.PathLike) -> InceptionV3:
     missing, unexpected = network.load_state_dict(state_dict, strict=False)
     missing = [key for key in missing if not key.endswith("num_batches_tracked")]
     if missing or unexpected:
-        raise ValueError(
+        raise ConfigError(
             f"{path} is not the FID InceptionV3 state_dict: missing keys {missing[:3]}, "
             f"unexpected keys {unexpected[:3]} ({len(missing)} and {len(unexpected)} in all)"
         )

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hf_ddpm.checkpointing import write_json
+from hf_ddpm.atomic import write_json
 from hf_ddpm.data import BUILTIN_DIGITS
 from hf_ddpm.model_card import REFERENCE_ONLY_VALUES, write_model_card
 

@@ -1,0 +1,95 @@
+"""The one place that knows about processes: rank, world size, the main process, sharding work, and seeds.
+
+Every function takes an `accelerate.Accelerator`, or None for a single process. Work over N items is cut into
+contiguous blocks, one per process, and gathered back in item order, so P processes return what one returns:
+
+    >>> from hf_ddpm.distributed import run_sharded
+    >>> squares = run_sharded(lambda share: torch.tensor(share) ** 2, 10, accelerator)   # on every process
+
+Random streams are seeded by numpy's `SeedSequence` from a purpose (`Stream`), the run's seed and integers that
+name the draw (an image index, a micro-step and a rank), never from the order in which draws happen: a resumed
+run, another batch size or another number of processes draws the same numbers.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable
+from typing import TypeVar
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+Output = TypeVar("Output", torch.Tensor, dict[str, torch.Tensor])
+
+
+def rank(accelerator: Accelerator | None) -> int:
+    """This process's index, 0 ... world_size - 1."""
+    return accelerator.process_index if accelerator else 0
+
+
+def world_size(accelerator: Accelerator | None) -> int:
+    """The number of processes."""
+    return accelerator.num_processes if accelerator else 1
+
+
+def is_main(accelerator: Accelerator | None, local: bool = False) -> bool:
+    """Whether this is the main process (of its machine, if `local`): the one that writes files and shows bars."""
+    if accelerator is None:
+        return True
+    return accelerator.is_local_main_process if local else accelerator.is_main_process
+
+
+def shard(num_items: int, accelerator: Accelerator | None) -> range:
+    """This process's block of `range(num_items)`: items p*ceil(N/P) ... (p+1)*ceil(N/P) - 1, possibly empty."""
+    per_process = math.ceil(num_items / world_size(accelerator))
+    start = min(rank(accelerator) * per_process, num_items)
+    return range(start, min(start + per_process, num_items))
+
+
+def run_sharded(fn: Callable[[range], Output], num_items: int, accelerator: Accelerator | None = None) -> Output:
+    """`fn(share)` on this process's `shard` of N >= 1 items; the outputs of all processes, concatenated in item
+    order, on every process (CPU tensors).
+
+    `fn` returns a tensor, or a dict of tensors, whose rows are its share's results in order (any number of rows
+    per item: an item may be a batch). A process whose share is empty does not call `fn`. Must be called on
+    every process.
+    """
+    share = shard(num_items, accelerator)
+    local = _to_cpu(fn(share)) if len(share) else None
+    parts = [part for part in (gather_object([local]) if world_size(accelerator) > 1 else [local]) if part is not None]
+    if isinstance(parts[0], dict):
+        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    return torch.cat(parts)
+
+
+def _to_cpu(output: Output) -> Output:
+    if isinstance(output, dict):
+        return {key: value.detach().cpu() for key, value in output.items()}
+    return output.detach().cpu()
+
+
+class Stream(enum.IntEnum):
+    """What a random stream is for; distinct streams never share a seed, whatever their keys."""
+
+    IMAGES = 0  # image i of `sampling.generate` (and batch b of NLL evaluation): key (seed, i)
+    MICRO_BATCHES = 1  # augmentation, timesteps and noise of micro-step m on rank r: key (seed, m, r)
+    EPOCH_ORDER = 2  # the data permutation of epoch e: key (seed, e)
+
+
+def seeded_generator(stream: Stream, seed: int, *key: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A `torch.Generator` seeded from (`stream`, `seed`, *`key`) alone (non-negative integers).
+
+    The 64-bit seed is `numpy.random.SeedSequence((seed, *key), spawn_key=(stream,)).generate_state(1,
+    np.uint64)[0]`, with no spawn key for `Stream.IMAGES`, so plain numpy reproduces image i's noise from
+    `SeedSequence((seed, i))`. Distinct keys give well-mixed, unrelated streams (unlike `seed * K + i`, which
+    collides once i reaches K). CPU generators (the default) make the draws independent of the device.
+
+    >>> noise = torch.randn(3, 8, 8, generator=seeded_generator(Stream.IMAGES, 0, 5))   # image 5 of seed 0
+    """
+    spawn_key = (int(stream),) if stream else ()
+    state = np.random.SeedSequence((seed, *key), spawn_key=spawn_key).generate_state(1, np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(state))

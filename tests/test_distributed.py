@@ -1,0 +1,71 @@
+"""Sharding work over processes and seeding random streams: the same results for any number of processes."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from hf_ddpm import distributed
+from hf_ddpm.distributed import Stream, run_sharded, seeded_generator, shard
+
+
+def fake_accelerator(rank: int, world: int) -> SimpleNamespace:
+    return SimpleNamespace(process_index=rank, num_processes=world, is_main_process=rank == 0,
+                           is_local_main_process=rank % 2 == 0)  # fmt: skip
+
+
+def test_without_an_accelerator_there_is_one_main_process():
+    assert (distributed.rank(None), distributed.world_size(None)) == (0, 1)
+    assert distributed.is_main(None) and distributed.is_main(None, local=True)
+    third = fake_accelerator(3, 4)
+    assert (distributed.rank(third), distributed.world_size(third)) == (3, 4)
+    assert not distributed.is_main(third) and not distributed.is_main(third, local=True)
+    assert distributed.is_main(fake_accelerator(2, 4), local=True)
+
+
+@pytest.mark.parametrize("num_items", [1, 3, 7, 8, 64])
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_shards_are_contiguous_blocks_that_cover_every_item_once_in_order(num_items, world):
+    shares = [shard(num_items, fake_accelerator(rank, world)) for rank in range(world)]
+    assert [i for share in shares for i in share] == list(range(num_items))
+    assert max(len(share) for share in shares) == -(-num_items // world)
+
+
+def test_gathered_outputs_come_back_in_item_order(monkeypatch):
+    """Each rank's output, as `gather_object` would deliver them all, concatenated in item order."""
+    world, num_items = 3, 7
+
+    def outputs(share: range) -> dict[str, torch.Tensor]:
+        return {"x": torch.tensor(list(share)) * 10, "pairs": torch.tensor([[i, i] for i in share])}
+
+    all_parts = [outputs(shard(num_items, fake_accelerator(rank, world))) for rank in range(world)]
+    monkeypatch.setattr(distributed, "gather_object", lambda local: all_parts)
+    gathered = run_sharded(outputs, num_items, fake_accelerator(1, world))
+    assert torch.equal(gathered["x"], torch.arange(7) * 10) and gathered["pairs"].shape == (7, 2)
+    single = run_sharded(lambda share: torch.tensor(list(share)) ** 2, num_items)
+    assert torch.equal(single, torch.arange(7) ** 2)
+
+
+def test_a_process_with_no_items_does_not_run_the_function(monkeypatch):
+    calls = []
+    monkeypatch.setattr(distributed, "gather_object", lambda local: [torch.zeros(1, 2), None, *local])
+    assert run_sharded(calls.append, 2, fake_accelerator(3, 4)).shape == (1, 2)  # ranks 2 and 3 hold nothing
+    assert calls == []
+
+
+def test_image_seeds_are_the_plain_numpy_seed_sequence_of_seed_and_index():
+    """What the model card's plain-diffusers snippet computes, so its images are generate()'s."""
+    for seed, i in [(0, 0), (3, 5), (7, 1_000_003)]:
+        expected = int(np.random.SeedSequence((seed, i)).generate_state(1, np.uint64)[0])
+        assert seeded_generator(Stream.IMAGES, seed, i).initial_seed() == expected
+
+
+def test_streams_and_keys_never_share_a_seed():
+    """SeedSequence pads short keys with zeros, so without streams micro-step m on rank 0, (seed, m, 0), would
+    draw image m's noise, (seed, m)."""
+    keys = [(Stream.IMAGES, i) for i in range(4)] + [(Stream.EPOCH_ORDER, e) for e in range(4)]
+    keys += [(Stream.MICRO_BATCHES, m, r) for m in range(4) for r in range(2)]
+    assert len({seeded_generator(stream, 0, *key).initial_seed() for stream, *key in keys}) == len(keys)

@@ -11,14 +11,17 @@ a resumed run continues exactly where it stopped without replaying batches, and 
 N/2 + resume + N/2 bit for bit on one process.
 The learning-rate schedule is stepped once per optimizer step, whatever the number of processes or
 gradient-accumulation steps, so `--lr_warmup_steps` always counts optimizer steps.
+
+A step never waits for the device: the loss stays there, summed, until a logging step or a checkpoint reads it
+(and checks it is finite), and batches reach a GPU from pinned memory without blocking. Each phase of a step
+runs under a `torch.profiler.record_function` label of `STEP_PHASES` (free when no profiler runs), which
+benchmarks/train_throughput.py uses to say where the time goes.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import platform
 import shutil
 import time
 from collections.abc import Callable
@@ -33,9 +36,10 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
-from hf_ddpm import checkpointing, distributed, sampling
+from hf_ddpm import checkpointing, distributed, sampling, speed
 from hf_ddpm.arguments import check_fp16_device
 from hf_ddpm.atomic import write_json
 from hf_ddpm.data import BUILTIN_DIGITS, EpochOrder, ImageDataset, load_data
@@ -52,6 +56,9 @@ logger = get_logger(__name__)  # accelerate's: logs on the main process only
 SUMMARY_FILE = "training_summary.json"
 SAMPLES_FILE = "samples.png"
 BEST_DIR = "best"
+# the record_function labels of a step's phases, in order
+STEP_PHASES = ("data", "noise", "forward_backward", "optimizer", "ema", "logging")
+LOSS_SMOOTHING = 0.98  # per optimizer step, for the progress bar and training_summary.json's final_loss
 
 # How each tracker takes a batch of uint8 images (N, C, H, W): tensorboard as one grid, wandb as a gallery of
 # wandb.Image (from HWC arrays: a torch tensor would be rescaled)
@@ -111,30 +118,6 @@ def load_training_data(args: TrainingArguments, unet: UNet2DModel) -> ImageDatas
         random_crop=args.random_crop,
         skip_bad_images=args.skip_bad_images,
         max_train_samples=args.max_train_samples,
-    )
-
-
-# the vector extensions that decide CPU training speed, best first (bf16 autocast pays off only with the first)
-_ISA_LABELS = (("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
-
-
-def _cpu_name() -> str:
-    """The CPU's model name (Linux), else the architecture: speed figures are only comparable on one CPU."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
-    isa = next((label for flag, label in _ISA_LABELS if flag in flags), "")
-    return f"{names[0] if names else platform.machine()} CPU{' (' + isa + ')' if isa else ''}"
-
-
-def _hardware(accelerator: Accelerator) -> str:
-    if accelerator.device.type == "cuda":
-        return f"{distributed.world_size(accelerator)}x {torch.cuda.get_device_name(accelerator.device)}"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (
-        f"{distributed.world_size(accelerator)} process(es) on {_cpu_name()} ({cores} cores), "
-        f"{torch.get_num_threads()} torch thread(s) per process"
     )
 
 
@@ -209,18 +192,24 @@ class Trainer:
         self.max_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
         self.num_params = sum(p.numel() for p in self.unet.parameters())
 
+        device = self.accelerator.device
+        self.tf32 = speed.set_tf32(device, args.allow_tf32)
+        self.memory_format = speed.CHANNELS_LAST if args.channels_last else torch.preserve_format
+        self.unet.to(memory_format=self.memory_format)  # before the EMA and the optimizer copy its layout
         optimizer = torch.optim.AdamW(
             self.unet.parameters(),
             lr=args.learning_rate,
             betas=(args.adam_beta1, args.adam_beta2),
             weight_decay=args.adam_weight_decay,
             eps=args.adam_epsilon,
+            **speed.adamw_options(device),
         )
         self.lr_scheduler = get_scheduler(
             args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=self.max_steps
         )
         self.model, self.optimizer = self.accelerator.prepare(self.unet, optimizer)
         self.unet = self.accelerator.unwrap_model(self.model)
+        self.compiled = args.torch_compile and speed.compile_unet(self.unet, self._compile_trial)
         self.accelerator.register_for_checkpointing(self.lr_scheduler)  # stepped by hand, once per optimizer step
         self.accelerator.register_for_checkpointing(self.timestep_sampler)
         self.ema = None
@@ -239,6 +228,8 @@ class Trainer:
         # the bookkeeping that checkpoints carry: where the run is, how long it took, what evaluations found
         self.global_step, self.micro_step, self.wall_time = 0, 0, 0.0
         self.loss_avg: float | None = None  # smoothed over steps, for the progress bar and the summary
+        # the loss of the steps since the last logging step, summed on the device: read only when logged
+        self.loss_sum, self.loss_steps = torch.zeros((), device=device), 0
         self.best_score: float | None = None
         # one entry per --eval_every evaluation: step, training seconds so far (evaluations excluded), values
         self.eval_history: list[dict[str, float]] = []
@@ -260,19 +251,11 @@ class Trainer:
         while self.global_step < self.max_steps:
             # the step: micro-batches accumulate gradients until accelerate syncs them; then the optimizer, the
             # learning rate and the EMA move once, so every schedule counts optimizer steps
-            loss, grad_norm = self._micro_step(self.micro_step)
-            self.micro_step += 1
-            if not accelerator.sync_gradients:
-                continue
-            self.lr_scheduler.step()
-            if self.ema is not None:
-                self.ema.step(self.unet.parameters())
-            self.global_step += 1
-            # logging: a loss that is no longer finite stops the run before it can overwrite a good checkpoint
-            step_loss = self._step_loss(loss)
+            grad_norm = self.step()
             progress.update(1)
+            # logging: the one wait for the device; a loss that is no longer finite stops the run there
             if self.global_step % args.logging_steps == 0 or self.global_step == self.max_steps:
-                self._log(step_loss, grad_norm, progress)
+                self._log(grad_norm, progress)
             # preview: a sample grid shows what the model draws, which the loss alone does not tell
             if args.sample_every and self.global_step % args.sample_every == 0 and self.global_step < self.max_steps:
                 self._log_preview()
@@ -282,6 +265,7 @@ class Trainer:
                 self._evaluate(self.global_step, train_seconds=began - self._started - self.eval_seconds)
                 self.eval_seconds += time.perf_counter() - began
             # checkpoint + periodic push: a crash loses at most --checkpointing_steps, and the Hub follows the run
+            # (a non-finite loss since the last logging step stops it first: a bad model is never saved as good)
             if self.global_step % args.checkpointing_steps == 0 or self.global_step == self.max_steps:
                 self._save_checkpoint()
                 self._push_progress()
@@ -306,9 +290,10 @@ class Trainer:
         args, accelerator = self.args, self.accelerator
         logger.info(
             "%d images, %s parameters; batch %d per process x %d process(es) x %d accumulation = global batch %d; "
-            "%d optimizer steps; %s",
+            "%d optimizer steps; %s; %s",
             len(self.data), f"{self.num_params:,}", args.train_batch_size, self.world,
-            args.gradient_accumulation_steps, self.global_batch, self.max_steps, _hardware(accelerator),
+            args.gradient_accumulation_steps, self.global_batch, self.max_steps, speed.hardware(accelerator),
+            self._levers(),
         )  # fmt: skip
         if distributed.is_main(accelerator):
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -318,23 +303,56 @@ class Trainer:
             if args.sample_every and no_images:
                 logger.warning("sample grids go to %s only, not to %s", ", ".join(IMAGE_LOGGERS), ", ".join(no_images))
 
-    def _step_loss(self, loss: torch.Tensor) -> float:
-        """The step's loss averaged over processes, folded into the smoothed loss; a non-finite one raises."""
-        step_loss = self.accelerator.gather(loss.detach()).mean().item()
-        if not math.isfinite(step_loss):
+    def _levers(self) -> str:
+        """The speed settings in effect, for the log and training_summary.json."""
+        levers = ["compiled UNet" if self.compiled else "eager UNet"]
+        levers.append("channels_last" if self.memory_format == speed.CHANNELS_LAST else "NCHW")
+        if self.accelerator.device.type == "cuda":
+            levers.append(f"TF32 {'on' if self.tf32 else 'off'}, fused AdamW")
+        return ", ".join(levers)
+
+    def step(self) -> torch.Tensor | None:
+        """One optimizer step: its micro-steps, the learning rate and the EMA, the loss added to `loss_sum` on
+        the device. Returns the gradient norm before clipping (None without clipping), also on the device."""
+        while True:
+            loss, grad_norm = self._micro_step(self.micro_step)
+            self.micro_step += 1
+            if self.accelerator.sync_gradients:
+                break
+        with record_function("optimizer"):
+            self.lr_scheduler.step()
+        if self.ema is not None:
+            with record_function("ema"):
+                self.ema.step(self.unet.parameters())
+        self.global_step += 1
+        with record_function("logging"):
+            self.loss_sum += loss.detach()
+            self.loss_steps += 1
+        return grad_norm
+
+    def _window_loss(self) -> float:
+        """The mean loss over processes of the steps since the last logging step (a wait for the device); a
+        non-finite one stops the run."""
+        loss = self.accelerator.gather(self.loss_sum).mean().item() / self.loss_steps
+        if not math.isfinite(loss):
             last = checkpointing.list_checkpoints(self.checkpoints_dir)
             raise TrainingError(
-                f"the loss is {step_loss} at step {self.global_step}; stopped without saving. Last good checkpoint: "
+                f"the loss is {loss} at or before step {self.global_step} (it is read every --logging_steps and "
+                f"before each checkpoint); stopped without saving. Last good checkpoint: "
                 f"{last[-1] if last else 'none'}. Lower --learning_rate, keep --max_grad_norm, or avoid fp16"
             )
-        self.loss_avg = step_loss if self.loss_avg is None else 0.98 * self.loss_avg + 0.02 * step_loss
-        return step_loss
+        return loss
 
-    def _log(self, step_loss: float, grad_norm: torch.Tensor | None, progress: tqdm) -> None:
-        """Scalars for the trackers and the progress bar; the speed is over the steps since the last log."""
+    def _log(self, grad_norm: torch.Tensor | None, progress: tqdm) -> None:
+        """Scalars for the trackers and the progress bar; loss and speed are over the steps since the last log."""
+        loss, steps = self._window_loss(), self.loss_steps
+        kept = LOSS_SMOOTHING**steps
+        self.loss_avg = loss if self.loss_avg is None else kept * self.loss_avg + (1 - kept) * loss
+        self.loss_sum.zero_()
+        self.loss_steps = 0
         last_step, last_time = self._last_log
         logs = {
-            "loss": step_loss,
+            "loss": loss,
             "loss_smoothed": self.loss_avg,
             "lr": self.lr_scheduler.get_last_lr()[0],
             "images_per_second": (self.global_step - last_step) * self.global_batch / (time.perf_counter() - last_time),
@@ -348,8 +366,11 @@ class Trainer:
         self._last_log = (self.global_step, time.perf_counter())
 
     def _save_checkpoint(self) -> None:
-        """A resumable checkpoint of this step, with the bookkeeping that resuming restores."""
+        """A resumable checkpoint of this step, with the bookkeeping that resuming restores; never of a model
+        whose loss went non-finite since the last logging step."""
         args = self.args
+        if self.loss_steps:
+            self._window_loss()
         self.wall_time = time.perf_counter() - self._started
         state = {"global_step": self.global_step, "micro_step": self.micro_step, "wall_time_s": self.wall_time,
                  "best_score": self.best_score, "eval_history": self.eval_history,
@@ -380,35 +401,62 @@ class Trainer:
             self.hub.finish(f"end of training, step {self.global_step}")
         return results
 
+    def _batch(self, micro_step: int) -> tuple[torch.Tensor, ...]:
+        """This process's share of micro-batch `micro_step` on the device: x_0, timesteps, loss weights, noise and
+        x_t, all drawn from the micro-step's own generator."""
+        args, device = self.args, self.accelerator.device
+        rank = distributed.rank(self.accelerator)
+        generator = distributed.seeded_generator(distributed.Stream.MICRO_BATCHES, args.seed, micro_step, rank)
+        with record_function("data"):
+            rows = self.order.indices(micro_step, rank, args.train_batch_size)
+            x0 = self.data.get_batch(rows, generator, random_flip=args.random_flip)
+        with record_function("noise"):
+            timesteps, weights = self.timestep_sampler.sample(len(rows), "cpu", generator)
+            noise = torch.randn(x0.shape, generator=generator)
+            # from pinned memory a copy to a GPU does not wait for the steps queued before it
+            pinned = device.type == "cuda"
+            x0, noise, timesteps, weights = (
+                (v.pin_memory() if pinned else v).to(device, non_blocking=pinned)
+                for v in (x0, noise, timesteps, weights)
+            )
+            x0, noise = (v.contiguous(memory_format=self.memory_format) for v in (x0, noise))
+            xt = self.noise_scheduler.q_sample(x0, timesteps, noise)
+        return x0, timesteps, weights, noise, xt
+
+    def _compile_trial(self) -> None:
+        """--torch_compile: one forward and backward on the first micro-batch as training makes them, so that
+        compiling happens (or fails) now; it leaves no gradients and draws nothing from the global RNGs."""
+        x0, timesteps, _, _, xt = self._batch(0)
+        devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
+        self.model.train()
+        with torch.random.fork_rng(devices), self.accelerator.no_sync(self.model), self.accelerator.autocast():
+            self.model(xt, timesteps).sample.float().mean().backward()
+        self.optimizer.zero_grad(set_to_none=True)
+
     def _micro_step(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forward and backward on this process's share of micro-batch `micro_step`; steps the optimizer on sync."""
         args, accelerator = self.args, self.accelerator
-        rank = distributed.rank(accelerator)
-        generator = distributed.seeded_generator(distributed.Stream.MICRO_BATCHES, args.seed, micro_step, rank)
-        rows = self.order.indices(micro_step, rank, args.train_batch_size)
-        x0 = self.data.get_batch(rows, generator, random_flip=args.random_flip)
-        timesteps, weights = self.timestep_sampler.sample(len(rows), "cpu", generator)
-        noise = torch.randn(x0.shape, generator=generator)
-        x0, noise, timesteps, weights = (v.to(accelerator.device) for v in (x0, noise, timesteps, weights))
+        x0, timesteps, weights, noise, xt = self._batch(micro_step)
         grad_norm = None
         with accelerator.accumulate(self.model):
-            xt = self.noise_scheduler.q_sample(x0, timesteps, noise)
-            model_output = self.model(xt, timesteps).sample
-            losses = self.noise_scheduler.training_loss(
-                model_output.float(),
-                x0,
-                noise,
-                timesteps,
-                loss_weighting=args.loss_weighting,
-                snr_gamma=args.snr_gamma,
-                vlb_lambda=args.vlb_lambda,
-            )
-            loss = (losses * weights).mean()
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and args.max_grad_norm > 0:
-                grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            with record_function("forward_backward"):
+                model_output = self.model(xt, timesteps).sample
+                losses = self.noise_scheduler.training_loss(
+                    model_output.float(),
+                    x0,
+                    noise,
+                    timesteps,
+                    loss_weighting=args.loss_weighting,
+                    snr_gamma=args.snr_gamma,
+                    vlb_lambda=args.vlb_lambda,
+                )
+                loss = (losses * weights).mean()
+                accelerator.backward(loss)
+            with record_function("optimizer"):
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
         if not isinstance(self.timestep_sampler, UniformSampler):
             # every process feeds the same gathered losses, so the sampler's state stays identical on all ranks
             self.timestep_sampler.update(*accelerator.gather((timesteps, losses.detach())))
@@ -513,7 +561,8 @@ class Trainer:
             "eval_history": self.eval_history,
             "images_per_second": round(step * self.global_batch / max(self.wall_time, 1e-9), 1),
             "final_loss": self.loss_avg,
-            "hardware": _hardware(accelerator),
+            "hardware": speed.hardware(accelerator),
+            "speed_settings": self._levers(),
             "mixed_precision": accelerator.mixed_precision,
             "num_train_images": len(self.data),
             "dataset": args.train_data_dir or args.dataset_name or BUILTIN_DIGITS,

@@ -113,6 +113,16 @@ class TrainingArguments(DataArguments):
     ema_max_decay: float = field(default=0.9999, metadata={"help": "EMA decay after warm-up"})
     ema_inv_gamma: float = field(default=1.0, metadata={"help": "EMA warm-up inverse multiplicative factor"})
     ema_power: float = field(default=0.75, metadata={"help": "EMA warm-up exponent"})
+    # Speed (hf_ddpm.speed): none changes what is trained, only how fast and up to float rounding
+    torch_compile: bool = field(
+        default=False,
+        metadata={"help": "compile the UNet's forward with torch.compile (a minute or more before the first step; "
+                  "eager with a warning if compiling fails)"},
+    )  # fmt: skip
+    channels_last: bool = field(default=False, metadata={"help": "UNet and batches in channels_last (NHWC) layout"})
+    allow_tf32: bool = field(
+        default=True, metadata={"help": "CUDA: TF32 for fp32 matmuls and convolutions (Ampere+); false: true fp32"}
+    )
     # Diffusion
     num_train_timesteps: int = 1000
     beta_schedule: str = field(default="linear", metadata={"help": "linear, scaled_linear or squaredcos_cap_v2"})

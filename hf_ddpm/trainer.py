@@ -333,7 +333,8 @@ class Trainer:
     def _window_loss(self) -> float:
         """The mean loss over processes of the steps since the last logging step (a wait for the device); a
         non-finite one stops the run."""
-        loss = self.accelerator.gather(self.loss_sum).mean().item() / self.loss_steps
+        with record_function("logging"):
+            loss = self.accelerator.gather(self.loss_sum).mean().item() / self.loss_steps
         if not math.isfinite(loss):
             last = checkpointing.list_checkpoints(self.checkpoints_dir)
             raise TrainingError(

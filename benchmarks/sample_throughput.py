@@ -7,7 +7,8 @@ Both sides load the same weights and draw image i from the same generator (`samp
 batches of --batch_size. Variants of the hf_ddpm side: `eager`; `channels_last` (UNet in NHWC); `compiled`
 (`speed.compile_unet`, compiled before timing); `half` (bf16 autocast on CPU, fp16 autocast on CUDA). Every
 variant runs once per round, the plain pipeline among them, after a warm-up call each that is not counted;
-the figure is the median over --rounds of UNet evaluations per second, counted per image (images x steps / s).
+the figure is the median over --rounds of UNet evaluations per second, counted per image (images x steps / s);
+--json writes the figures.
 
 Outputs are compared with the plain pipeline's, as uint8 images: eager must be identical; the others change
 float rounding (other kernels, fused code, 8-bit mantissas), which a stochastic sampler carries into visibly
@@ -19,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import diffusers
 import torch
@@ -82,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     options = parser.parse_args(argv)
     variants = options.variants.split(",")
     if unknown := sorted(set(variants) - set(VARIANTS)):
@@ -113,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     base = statistics.median(n * steps / s for s in seconds["plain diffusers"])
     print(f"{'side':16s} {'evals/s':>9s} {'min-max':>17s} {'vs plain':>9s} {'mean |diff|':>12s} {'max |diff|':>11s}")
     reference = images["plain diffusers"].int()
+    results = {"sampler": options.sampler, "steps": steps, "device": device.type, "sides": {}}
     for name in sides:
         rates = [n * steps / s for s in seconds[name]]
         diff = (images[name].int() - reference).abs().float()
@@ -120,6 +125,10 @@ def main(argv: list[str] | None = None) -> None:
             " ok" if diff.mean() <= TOLERANCE[name] else f" OVER {TOLERANCE[name]}")  # fmt: skip
         print(f"{name:16s} {statistics.median(rates):9.1f} {min(rates):8.1f}-{max(rates):<8.1f} "
               f"{statistics.median(rates) / base:8.2f}x {diff.mean():12.3f} {diff.max():11.0f}{verdict}")  # fmt: skip
+        results["sides"][name] = {"evals_per_s": statistics.median(rates), "vs_plain": statistics.median(rates) / base,
+                                  "mean_abs_diff": diff.mean().item(), "max_abs_diff": diff.max().item()}  # fmt: skip
+    if options.json:
+        options.json.write_text(json.dumps(results, indent=2))
     if "eager" in images and not torch.equal(images["eager"], images["plain diffusers"]):
         raise SystemExit("eager hf_ddpm images differ from plain diffusers' on the same weights and generators")
 

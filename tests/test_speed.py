@@ -7,8 +7,12 @@ under torch.compile stays bit-exact on one CPU process. CUDA-only branches are c
 
 from __future__ import annotations
 
+import json
+import subprocess
+
 import pytest
 import torch
+from conftest import PYTHON, REPO_ROOT
 from safetensors.torch import load_file
 from test_training import FAST, run, weights
 
@@ -123,3 +127,34 @@ def test_adamw_is_fused_on_cuda_only_and_the_trainer_uses_the_choice(tmp_path, m
     trainer = Trainer(parse_training_args([*FAST, "--output_dir", str(tmp_path / "o"), *STEPS]))
     assert trainer.optimizer.param_groups[0]["fused"] is True
     assert trainer.train()["global_step"] == 4
+
+
+def benchmark(script: str, *args: str) -> str:
+    result = subprocess.run([PYTHON, str(REPO_ROOT / "benchmarks" / script), *args], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_train_throughput_measures_both_loops_and_profiles_every_phase(tmp_path):
+    out = benchmark("train_throughput.py", "--preset", "tiny-8", "--batch_size", "8", "--steps", "2", "--rounds",
+                    "2", "--profile_steps", "2", "--json", str(tmp_path / "r.json"))  # fmt: skip
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["hf_ddpm"]["median"] > 0 and results["reference"]["median"] > 0
+    assert set(results["profile"]["phases"]) == {"data", "noise", "forward_backward", "optimizer", "ema", "logging"}
+    assert results["profile"]["phases"]["forward_backward"]["host_ms"] > 0
+    assert "hf_ddpm / reference" in out and "CPU" in out
+
+
+def test_sample_throughput_finds_eager_identical_to_plain_diffusers(tmp_path):
+    model, _ = run(tmp_path, "--max_train_steps", "1", "--checkpointing_steps", "1")
+    figures = tmp_path / "s.json"
+    benchmark("sample_throughput.py", str(model), "--num_inference_steps", "3", "--num_images", "3", "--batch_size",
+              "2", "--rounds", "1", "--variants", "eager,channels_last", "--json", str(figures))  # fmt: skip
+    sides = json.loads(figures.read_text())["sides"]
+    assert sides["eager"]["max_abs_diff"] == 0
+    assert sides["channels_last"]["mean_abs_diff"] <= 2
+
+
+def test_gpu_check_is_valid_bash():
+    subprocess.run(["bash", "-n", str(REPO_ROOT / "benchmarks" / "gpu_check.sh")], check=True)

@@ -32,13 +32,17 @@ def assert_close_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
         torch.testing.assert_close(a[key], b[key], **TOLERANCE, msg=key)
 
 
-def test_channels_last_trains_the_eager_model_and_saves_plain_weights(tmp_path):
+def test_channels_last_trains_the_eager_model_and_resumes_exactly(tmp_path):
     eager, _ = run(tmp_path, *STEPS, name="eager")
     fast, results = run(tmp_path, *STEPS, "--channels_last", name="channels_last")
     assert results["speed_settings"] == "eager UNet, channels_last"
     assert_close_weights(weights(eager), weights(fast))
     checkpoint = load_file(fast / "checkpoints/checkpoint-4/model.safetensors")
     assert_close_weights(load_file(eager / "checkpoints/checkpoint-4/model.safetensors"), checkpoint)
+    halfway = str(fast / "checkpoints/checkpoint-2")
+    resumed, _ = run(tmp_path, *STEPS, "--channels_last", "--resume_from_checkpoint", halfway, name="resumed")
+    resumed_weights = load_file(resumed / "checkpoints/checkpoint-4/model.safetensors")
+    assert all(torch.equal(checkpoint[k], resumed_weights[k]) for k in checkpoint)
 
 
 def test_torch_compile_trains_the_eager_model_keeps_plain_names_and_resumes_exactly(tmp_path):

@@ -308,7 +308,9 @@ class Trainer:
         levers = ["compiled UNet" if self.compiled else "eager UNet"]
         levers.append("channels_last" if self.memory_format == speed.CHANNELS_LAST else "NCHW")
         if self.accelerator.device.type == "cuda":
-            levers.append(f"TF32 {'on' if self.tf32 else 'off'}, fused AdamW")
+            levers.append(f"TF32 {'on' if self.tf32 else 'off'}")
+        if self.optimizer.param_groups[0].get("fused"):
+            levers.append("fused AdamW")
         return ", ".join(levers)
 
     def step(self) -> torch.Tensor | None:

@@ -39,6 +39,7 @@ from diffusers import (
 )
 from diffusers.utils import make_image_grid
 
+from hf_ddpm import speed
 from hf_ddpm.arguments import check_fp16_device, check_positive
 from hf_ddpm.distributed import Stream, is_main, run_sharded, seeded_generator
 from hf_ddpm.errors import ConfigError, DataError
@@ -394,6 +395,11 @@ class SamplingArguments:
     allow_pickle: bool = field(
         default=False, metadata={"help": "also load .bin (pickle) weights; only for trusted sources"}
     )
+    torch_compile: bool = field(
+        default=False,
+        metadata={"help": "compile the UNet with torch.compile before sampling (README, Throughput: 1.49x plain "
+                  "diffusers' evaluations/s on a 2-core CPU, images within one 8-bit level); eager if it fails"},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.sampler is not None:
@@ -428,6 +434,19 @@ class SampleArguments(SamplingArguments):
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def compile_for_sampling(pipeline: DDPMPipeline, batch_size: int) -> bool:
+    """--torch_compile: compile the pipeline's UNet in place (on its device and dtype) with one no-grad call at
+    `batch_size`, so compiling happens now, not inside the first timed batch. Returns whether it is compiled
+    (`speed.compile_unet` warns and stays eager if compiling fails)."""
+    unet = pipeline.unet.eval()
+    size = unet.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else size
+    x = torch.zeros(batch_size, unet.config.in_channels, height, width, device=unet.device, dtype=unet.dtype)
+    t = torch.zeros(batch_size, dtype=torch.long, device=unet.device)
+    with torch.no_grad():
+        return speed.compile_unet(unet, lambda: unet(x, t))
+
+
 def sample_images(model: str, args: SampleArguments) -> None:
     """scripts/sample.py: `args.num_images` images of `model`, drawn by all processes of an `accelerate launch`
     and written to `args.output` by the main process."""
@@ -438,6 +457,8 @@ def sample_images(model: str, args: SampleArguments) -> None:
     if not on_cpu and accelerator.mixed_precision in _DTYPES:
         pipe.unet.to(dtype=_DTYPES[accelerator.mixed_precision])
     pipe.to(accelerator.device)
+    if args.torch_compile:
+        compile_for_sampling(pipe, min(args.batch_size, args.num_images))
     sampler = args.sampler or RECOMMENDED_SAMPLER
     steps = args.num_inference_steps or default_steps(sampler)
     images = generate(

@@ -49,6 +49,7 @@ from hf_ddpm.hub import load_pipeline
 from hf_ddpm.pipeline import DDPMPipeline
 from hf_ddpm.sampling import (
     SamplingArguments,
+    compile_for_sampling,
     default_steps,
     generate,
     image_generators,
@@ -447,6 +448,8 @@ def evaluate(
     pipeline = None
     if evaluation.samples is None or "nll" in metrics:
         pipeline = load_pipeline(model, allow_pickle=sampling.allow_pickle).to(_device(accelerator))
+        if sampling.torch_compile:
+            compile_for_sampling(pipeline, sampling.batch_size)
     samples = None
     if evaluation.samples is not None:
         samples = load_images(evaluation.samples)

@@ -5,8 +5,9 @@
 
 Both sides load the same weights and draw image i from the same generator (`sampling.image_generators`), in
 batches of --batch_size. Variants of the hf_ddpm side: `eager`; `channels_last` (UNet in NHWC); `compiled`
-(`speed.compile_unet`, compiled before timing); `half` (bf16 autocast on CPU, fp16 autocast on CUDA). Every
-variant runs once per round, the plain pipeline among them, after a warm-up call each that is not counted;
+(`sampling.compile_for_sampling`, what `--torch_compile` of scripts/sample.py does, compiled before timing);
+`half` (bf16 autocast on CPU, fp16 autocast on CUDA). Every variant
+runs once per round, the plain pipeline among them, after a warm-up call each that is not counted;
 the figure is the median over --rounds of UNet evaluations per second, counted per image (images x steps / s);
 --json writes the figures.
 
@@ -31,7 +32,15 @@ import torch
 
 from hf_ddpm import speed
 from hf_ddpm.hub import load_pipeline
-from hf_ddpm.sampling import SAMPLERS, default_steps, generate, image_generators, make_scheduler, to_uint8
+from hf_ddpm.sampling import (
+    SAMPLERS,
+    compile_for_sampling,
+    default_steps,
+    generate,
+    image_generators,
+    make_scheduler,
+    to_uint8,
+)
 
 VARIANTS = ("eager", "channels_last", "compiled", "half")
 # mean |difference| from plain diffusers, in 8-bit levels, that each variant is held to
@@ -70,9 +79,7 @@ def hf_ddpm_sampler(
         return images
 
     if variant == "compiled":
-        pipe.unet.eval()
-        with torch.no_grad():
-            speed.compile_unet(pipe.unet, lambda: draw(0, batch_size, 2))
+        compile_for_sampling(pipe, batch_size)  # what --torch_compile of scripts/sample.py does
     return draw
 
 

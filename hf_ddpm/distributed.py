@@ -50,6 +50,11 @@ def shard(num_items: int, accelerator: Accelerator | None) -> range:
     return range(start, min(start + per_process, num_items))
 
 
+def gather_objects(objects: list[object], accelerator: Accelerator | None) -> list[object]:
+    """Every process's `objects`, concatenated in rank order, on every process (picklable objects)."""
+    return gather_object(objects) if world_size(accelerator) > 1 else objects
+
+
 def run_sharded(fn: Callable[[range], Output], num_items: int, accelerator: Accelerator | None = None) -> Output:
     """`fn(share)` on this process's `shard` of N >= 1 items; the outputs of all processes, concatenated in item
     order, on every process (CPU tensors).
@@ -60,7 +65,7 @@ def run_sharded(fn: Callable[[range], Output], num_items: int, accelerator: Acce
     """
     share = shard(num_items, accelerator)
     local = _to_cpu(fn(share)) if len(share) else None
-    parts = [part for part in (gather_object([local]) if world_size(accelerator) > 1 else [local]) if part is not None]
+    parts = [part for part in gather_objects([local], accelerator) if part is not None]
     if isinstance(parts[0], dict):
         return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
     return torch.cat(parts)

@@ -21,11 +21,10 @@ from typing import Any
 import accelerate
 import numpy as np
 import torch
-from accelerate.utils import gather_object
 
 from hf_ddpm.arguments import check_positive
 from hf_ddpm.data import DataArguments, ImageDataset, load_data
-from hf_ddpm.distributed import is_main, run_sharded
+from hf_ddpm.distributed import gather_objects, is_main, run_sharded
 from hf_ddpm.errors import ConfigError
 from hf_ddpm.evaluation.feature_extractors import (
     DINOV2_DEFAULT,
@@ -232,8 +231,7 @@ def reference_stats(
             _MEMORY_STATS[memory_key] = FeatureStats.from_features(features)
         return _MEMORY_STATS[memory_key]
     path = stats_cache_path(cache_dir, key)
-    found = [path.is_file()]
-    if all(gather_object(found) if accelerator and accelerator.num_processes > 1 else found):
+    if all(gather_objects([path.is_file()], accelerator)):
         return FeatureStats.load(path)
     features = extract_features(extractor, reference, rows, batch_size, accelerator)["features"]
     stats = FeatureStats.from_features(features)

@@ -26,9 +26,11 @@ from torch import Tensor
 class TimestepSampler:
     """Base class: a distribution p over {0, ..., T-1}, from which `sample` draws with importance weights.
 
-    Subclasses implement `probabilities`; those that adapt to the losses also override `update`,
+    Subclasses implement `probabilities`; those that adapt to the losses set `adaptive` and override `update`,
     `state_dict` and `load_state_dict`.
     """
+
+    adaptive = False  # whether p changes with the losses: then step k's timesteps can only be drawn after step k-1
 
     def __init__(self, num_timesteps: int):
         if num_timesteps < 1:
@@ -90,6 +92,8 @@ class LossSecondMomentSampler(TimestepSampler):
     keeps a positive probability and a bounded weight. Until every t has `history_per_term` recorded losses
     (the warm-up) p is uniform.
     """
+
+    adaptive = True
 
     def __init__(self, num_timesteps: int, history_per_term: int = 10, uniform_prob: float = 0.001):
         super().__init__(num_timesteps)

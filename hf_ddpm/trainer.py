@@ -48,7 +48,7 @@ from hf_ddpm.hub import BackgroundPusher, push_options
 from hf_ddpm.pipeline import DDPMPipeline
 from hf_ddpm.presets import build_unet, learned_variance_unet
 from hf_ddpm.scheduler import DDPMScheduler
-from hf_ddpm.timestep_samplers import UniformSampler, create_timestep_sampler
+from hf_ddpm.timestep_samplers import create_timestep_sampler
 from hf_ddpm.training_args import EVAL_SCORE, TrainingArguments
 
 logger = get_logger(__name__)  # accelerate's: logs on the main process only
@@ -209,6 +209,10 @@ class Trainer:
         )
         self.model, self.optimizer = self.accelerator.prepare(self.unet, optimizer)
         self.unet = self.accelerator.unwrap_model(self.model)
+        # batches made ahead, by default on a GPU only (on a CPU the thread would take cores from the step); not for
+        # an adaptive timestep sampler, which draws step k's timesteps from what step k-1 learned
+        depth = args.prefetch_batches if args.prefetch_batches is not None else speed.default_prefetch(device)
+        self.batches = speed.Prefetcher(self._host_batch, 0 if self.timestep_sampler.adaptive else depth)
         self.compiled = args.torch_compile and speed.compile_unet(self.unet, self._compile_trial)
         self.accelerator.register_for_checkpointing(self.lr_scheduler)  # stepped by hand, once per optimizer step
         self.accelerator.register_for_checkpointing(self.timestep_sampler)
@@ -222,6 +226,7 @@ class Trainer:
                 power=args.ema_power,
                 model_cls=UNet2DModel,
                 model_config=self.unet.config,
+                **speed.EMA_OPTIONS,
             )
             self.ema.to(self.accelerator.device)
             self.accelerator.register_for_checkpointing(self.ema)
@@ -270,6 +275,7 @@ class Trainer:
                 self._save_checkpoint()
                 self._push_progress()
         progress.close()
+        self.batches.close()
         # export: the pipeline, samples and summary are complete before the earlier run is deleted and the last push
         return self._finish()
 
@@ -311,6 +317,10 @@ class Trainer:
             levers.append(f"TF32 {'on' if self.tf32 else 'off'}")
         if self.optimizer.param_groups[0].get("fused"):
             levers.append("fused AdamW")
+        if self.ema is not None and self.ema.foreach:
+            levers.append("foreach EMA")
+        if self.batches.depth:
+            levers.append(f"{self.batches.depth} batches prefetched")
         return ", ".join(levers)
 
     def step(self) -> torch.Tensor | None:
@@ -404,10 +414,10 @@ class Trainer:
             self.hub.finish(f"end of training, step {self.global_step}")
         return results
 
-    def _batch(self, micro_step: int) -> tuple[torch.Tensor, ...]:
-        """This process's share of micro-batch `micro_step` on the device: x_0, timesteps, loss weights, noise and
-        x_t, all drawn from the micro-step's own generator."""
-        args, device = self.args, self.accelerator.device
+    def _host_batch(self, micro_step: int) -> tuple[torch.Tensor, ...]:
+        """This process's share of micro-batch `micro_step` as the CPU makes it: x_0, timesteps, loss weights and
+        noise, all drawn from the micro-step's own generator (pinned for a GPU). Made ahead by `self.batches`."""
+        args = self.args
         rank = distributed.rank(self.accelerator)
         generator = distributed.seeded_generator(distributed.Stream.MICRO_BATCHES, args.seed, micro_step, rank)
         with record_function("data"):
@@ -416,11 +426,16 @@ class Trainer:
         with record_function("noise"):
             timesteps, weights = self.timestep_sampler.sample(len(rows), "cpu", generator)
             noise = torch.randn(x0.shape, generator=generator)
-            # from pinned memory a copy to a GPU does not wait for the steps queued before it
-            pinned = device.type == "cuda"
-            x0, noise, timesteps, weights = (
-                (v.pin_memory() if pinned else v).to(device, non_blocking=pinned)
-                for v in (x0, noise, timesteps, weights)
+        if self.accelerator.device.type == "cuda":  # from pinned memory a copy does not wait for queued steps
+            return tuple(v.pin_memory() for v in (x0, timesteps, weights, noise))
+        return x0, timesteps, weights, noise
+
+    def _batch(self, micro_step: int) -> tuple[torch.Tensor, ...]:
+        """Micro-batch `micro_step` on the device: x_0, timesteps, loss weights, noise and x_t."""
+        device = self.accelerator.device
+        with record_function("noise"):
+            x0, timesteps, weights, noise = (
+                v.to(device, non_blocking=device.type == "cuda") for v in self.batches.get(micro_step)
             )
             x0, noise = (v.contiguous(memory_format=self.memory_format) for v in (x0, noise))
             xt = self.noise_scheduler.q_sample(x0, timesteps, noise)
@@ -460,7 +475,7 @@ class Trainer:
                     grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-        if not isinstance(self.timestep_sampler, UniformSampler):
+        if self.timestep_sampler.adaptive:
             # every process feeds the same gathered losses, so the sampler's state stays identical on all ranks
             self.timestep_sampler.update(*accelerator.gather((timesteps, losses.detach())))
         return loss, grad_norm

@@ -71,7 +71,7 @@ class TrainingArguments(DataArguments):
         },
     )
     unet_overrides: str | None = field(
-        default=None, metadata={"help": 'JSON object of UNet2DModel fields to override, e.g. \'{"dropout": 0.1}\''}
+        default=None, metadata={"help": "JSON object of UNet2DModel fields to override, e.g. '{\"dropout\": 0.1}'"}
     )
     allow_pickle: bool = field(
         default=False, metadata={"help": "also load .bin (pickle) weights of a --preset folder; trusted sources only"}
@@ -120,6 +120,11 @@ class TrainingArguments(DataArguments):
                   "eager with a warning if compiling fails)"},
     )  # fmt: skip
     channels_last: bool = field(default=False, metadata={"help": "UNet and batches in channels_last (NHWC) layout"})
+    prefetch_batches: int | None = field(
+        default=None,
+        metadata={"help": "micro-batches (images, timesteps, noise) a background thread prepares ahead of the step; "
+                  "default 2 on CUDA, 0 on CPU (where the thread would take cores from the step)"},
+    )  # fmt: skip
     allow_tf32: bool = field(
         default=True, metadata={"help": "CUDA: TF32 for fp32 matmuls and convolutions (Ampere+); false: true fp32"}
     )
@@ -200,6 +205,8 @@ class TrainingArguments(DataArguments):
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise ConfigError(f"--max_train_steps must be at least 1, got {self.max_train_steps}")
+        if self.prefetch_batches is not None and self.prefetch_batches < 0:
+            raise ConfigError(f"--prefetch_batches must be 0 (off) or more, got {self.prefetch_batches}")
         if self.report_to == "wandb" and not is_wandb_available():  # accelerate would drop it with a debug line
             raise ConfigError('--report_to wandb needs wandb: pip install -e ".[wandb]" (or pip install wandb)')
         if self.push_to_hub and not self.hub_model_id:

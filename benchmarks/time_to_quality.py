@@ -1,10 +1,11 @@
 """Time to quality: how soon the default recipe reaches the digits FD that the DDPM paper's recipe ends at.
 
-    python benchmarks/time_to_quality.py --eval_every 150 --eval_num_samples 512 --figure docs/time_to_quality.png
+    python benchmarks/time_to_quality.py --default_steps 6000 --paper_steps 6000 --eval_every 500 --seeds 0 1
 
 One after the other on this machine (never in parallel: two torch processes on few cores slow each other down
 many times over), it trains with `scripts/train.py`, each run evaluated with the digits metric every
-`--eval_every` steps:
+`--eval_every` steps, once per training seed of `--seeds` (the recipes alternate, so a machine that slows down
+slows both):
 
 (a) the default recipe: no recipe flags, i.e. the default preset's `train_defaults`, for `--default_steps`;
 (b) Ho et al. (2020)'s plain recipe on the same network and data (`PAPER_RECIPE`), for `--paper_steps`
@@ -13,7 +14,10 @@ many times over), it trains with `scripts/train.py`, each run evaluated with the
 It prints the CPU, a Markdown table per run, (b)'s final digits FD, the first training time at which (a) reaches
 it, and that time as a fraction of (b)'s training time, against the goal of at most 1/3. Training time is each
 run's `train_seconds` (wall clock without the evaluations); between two evaluations the crossing is
-interpolated linearly in time and FD. The figure plots digits FD against training seconds for both runs.
+interpolated linearly in time and FD. With several seeds the verdict is on the seed-averaged curves (digits FD
+and seconds averaged over seeds at each evaluation step), which averages out both the noise of one evaluation
+and the spread between training seeds; the ratio of each seed's pair of runs is printed beside it. The figure
+plots digits FD against training seconds, the mean of each recipe and every seed's run.
 """
 
 from __future__ import annotations
@@ -114,6 +118,19 @@ def first_crossing(history: Sequence[dict[str, Any]], target: float, key: str = 
     return None
 
 
+def mean_history(histories: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The runs' histories averaged point by point (every key) at each evaluation step; they must share steps."""
+    steps = [sorted(p["global_step"] for p in history) for history in histories]
+    if any(s != steps[0] for s in steps):
+        raise SystemExit(f"error: the runs were evaluated at different steps: {steps}")
+    by_step = [sorted(history, key=lambda p: p["global_step"]) for history in histories]
+    return [
+        {key: sum(p[key] for p in points) / len(points) for key in points[0]}
+        | {"global_step": points[0]["global_step"]}
+        for points in zip(*by_step, strict=True)
+    ]
+
+
 def compare(default_history: Sequence[dict[str, Any]], paper_history: Sequence[dict[str, Any]]) -> Comparison:
     """When (a) first reaches the digits FD of (b)'s last evaluation, against (b)'s training time to it."""
     final = max(paper_history, key=lambda p: p["global_step"])
@@ -143,13 +160,20 @@ def comparison_text(c: Comparison) -> str:
     return "\n".join(lines)
 
 
-def fd_vs_seconds_figure(histories: dict[str, Sequence[dict[str, Any]]], floor: float, path: str | Path) -> Path:
-    """Digits FD (log scale) against training seconds, one line per run, the real-halves floor dashed."""
+def fd_vs_seconds_figure(
+    histories: dict[str, Sequence[dict[str, Any]]],
+    floor: float,
+    path: str | Path,
+    runs: dict[str, Sequence[Sequence[dict[str, Any]]]] | None = None,
+) -> Path:
+    """Digits FD (log scale) against training seconds, one line per label, the real-halves floor dashed; `runs`
+    (by the same labels) adds each seed's run as a thin line of the same colour."""
     fig = Figure(figsize=(6, 4), dpi=DPI, layout="constrained")
     ax = fig.subplots()
     for label, history in histories.items():
-        points = sorted(history, key=lambda p: p["global_step"])
-        ax.plot([p["train_seconds"] for p in points], [p[FD] for p in points], marker="o", markersize=3, label=label)
+        line = _plot(ax, history, marker="o", markersize=3, label=label)
+        for run in (runs or {}).get(label, ()):
+            _plot(ax, run, color=line.get_color(), linewidth=0.7, alpha=0.4)
     ax.axhline(floor, color="gray", linestyle="--", label="two halves of the real digits (floor)")
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(ScalarFormatter())
@@ -159,11 +183,16 @@ def fd_vs_seconds_figure(histories: dict[str, Sequence[dict[str, Any]]], floor: 
     return save_line_plot(fig, ax, path)
 
 
-def train_command(recipe: list[str], output_dir: Path, steps: int, args: argparse.Namespace) -> list[str]:
+def _plot(ax: Any, history: Sequence[dict[str, Any]], **style: Any) -> Any:
+    points = sorted(history, key=lambda p: p["global_step"])
+    return ax.plot([p["train_seconds"] for p in points], [p[FD] for p in points], **style)[0]
+
+
+def train_command(recipe: list[str], output_dir: Path, steps: int, seed: int, args: argparse.Namespace) -> list[str]:
     """scripts/train.py with `recipe`, evaluated the same way for both runs; no sample grids inside the timed loop."""
     # --preview_sampler / --preview_steps choose the sampler of both the logged grids and --eval_every
     measurement = [
-        "--output_dir", str(output_dir), "--max_train_steps", str(steps), "--seed", str(args.seed),
+        "--output_dir", str(output_dir), "--max_train_steps", str(steps), "--seed", str(seed),
         "--eval_every", str(args.eval_every), "--eval_metric", "digits",
         "--eval_num_samples", str(args.eval_num_samples),
         "--preview_sampler", args.eval_sampler, "--preview_steps", str(args.eval_steps), "--sample_every", "0",
@@ -194,7 +223,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--paper_steps", type=int, default=None, help="steps of (b), default 3x --default_steps")
     parser.add_argument("--output_dir", default=None, help="where both runs go (default: a new temporary folder)")
     parser.add_argument("--figure", default="docs/time_to_quality.png", help="PNG of digits FD against seconds")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds, each run once per recipe")
     args = parser.parse_args(argv)
     args.paper_steps = args.paper_steps or 3 * args.default_steps
     args.eval_steps = args.eval_steps or default_steps(args.eval_sampler)
@@ -210,23 +239,38 @@ def main(argv: list[str] | None = None) -> None:
     root = Path(args.output_dir or tempfile.mkdtemp(prefix="time_to_quality-"))
     root.mkdir(parents=True, exist_ok=True)
     steps = {"default": args.default_steps, "paper": args.paper_steps}
-    results = {name: train(name, train_command(recipe, root / name, steps[name], args), root / name)
-               for name, recipe in RECIPES.items()}  # fmt: skip
-    histories = {name: r["eval_history"] for name, r in results.items()}
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in RECIPES}
+    for seed in args.seeds:
+        for name, recipe in RECIPES.items():
+            folder = root / f"{name}-seed{seed}"
+            results[name].append(train(folder.name, train_command(recipe, folder, steps[name], seed, args), folder))
+    runs = {name: [r["eval_history"] for r in rs] for name, rs in results.items()}
 
-    print(f"\nhardware: {results['default']['hardware']}")
-    if results["paper"]["hardware"] != results["default"]["hardware"]:
-        print(f"warning: (b) ran on other hardware: {results['paper']['hardware']}")
-    print(f"{args.eval_num_samples} samples per evaluation ({args.eval_sampler}, {args.eval_steps} steps)")
+    hardware = {r["hardware"] for rs in results.values() for r in rs}
+    print(f"\nhardware: {results['default'][0]['hardware']}")
+    if len(hardware) > 1:
+        print(f"warning: the runs ran on different hardware: {sorted(hardware)}")
+    print(f"{args.eval_num_samples} samples per evaluation ({args.eval_sampler}, {args.eval_steps} steps); "
+          f"training seeds {', '.join(map(str, args.seeds))}")  # fmt: skip
     if args.eval_num_samples < MIN_RELIABLE_SAMPLES:
         print(f"warning: below {MIN_RELIABLE_SAMPLES} samples the digits FD values are noisy")
     for label, name in (("(a) default recipe", "default"), ("(b) paper recipe", "paper")):
-        print(f"\n{label}, {steps[name]} steps, {results[name]['wall_time_s']} s wall time with evaluations:\n")
-        print(markdown_table(histories[name]))
-    print("\n" + comparison_text(compare(histories["default"], histories["paper"])))
-    floor = histories["default"][-1][FLOOR]
-    figure = fd_vs_seconds_figure({"(a) default recipe": histories["default"], "(b) paper recipe": histories["paper"]},
-                                  floor, args.figure)  # fmt: skip
+        for seed, result in zip(args.seeds, results[name], strict=True):
+            print(f"\n{label}, seed {seed}, {steps[name]} steps, {result['wall_time_s']} s wall time with "
+                  f"evaluations:\n")  # fmt: skip
+            print(markdown_table(result["eval_history"]))
+    for seed, default, paper in zip(args.seeds, runs["default"], runs["paper"], strict=True):
+        ratio = compare(default, paper).ratio
+        print(f"seed {seed}: ratio (a) / (b) {'never reached' if ratio is None else f'{ratio:.3f}'}")
+    means = {name: mean_history(histories) for name, histories in runs.items()}
+    if len(args.seeds) > 1:
+        print(f"\naveraged over the {len(args.seeds)} seeds:")
+    print("\n" + comparison_text(compare(means["default"], means["paper"])))
+    labels = {"default": "(a) default recipe", "paper": "(b) paper recipe"}
+    figure = fd_vs_seconds_figure(
+        {labels[name]: mean for name, mean in means.items()}, means["default"][-1][FLOOR], args.figure,
+        runs={labels[name]: histories for name, histories in runs.items()} if len(args.seeds) > 1 else None,
+    )  # fmt: skip
     print(f"\nruns in {root}; figure {figure}")
 
 

@@ -84,9 +84,10 @@ def test_both_command_lines_parse_with_train_pys_parser_and_b_is_the_papers_reci
     args = ttq.parse_args(["--eval_every", "50", "--default_steps", "100", "--output_dir", str(tmp_path)])
     assert args.paper_steps == 300
     preset = get_preset("digits-16").train_defaults
-    default = parse_training_args(ttq.train_command(ttq.RECIPES["default"], tmp_path / "a", 100, args)[2:])
+    default = parse_training_args(ttq.train_command(ttq.RECIPES["default"], tmp_path / "a", 100, 3, args)[2:])
     assert (default.learning_rate, default.max_train_steps, default.eval_every) == (preset["learning_rate"], 100, 50)
-    paper = parse_training_args(ttq.train_command(ttq.RECIPES["paper"], tmp_path / "b", 300, args)[2:])
+    assert default.seed == 3 and args.seeds == [0]
+    paper = parse_training_args(ttq.train_command(ttq.RECIPES["paper"], tmp_path / "b", 300, 3, args)[2:])
     assert (paper.prediction_type, paper.loss_weighting, paper.timestep_sampler) == ("epsilon", "uniform", "uniform")
     assert (paper.beta_schedule, paper.beta_start, paper.beta_end) == ("linear", 1e-4, 0.02)
     assert (paper.learning_rate, paper.lr_scheduler) == (2e-4, "constant_with_warmup")
@@ -107,7 +108,8 @@ argv = sys.argv[1:]
 flag = lambda name, default=None: argv[argv.index(name) + 1] if name in argv else default
 out, steps, every = Path(flag("--output_dir")), int(flag("--max_train_steps")), int(flag("--eval_every"))
 rate = 4.0 if flag("--learning_rate") is None else 1.0
-history = [{"global_step": s, "train_seconds": s / 10, "digits_fd": 6.5 + 100 / (1 + rate * s / 100),
+shift = 2 * int(flag("--seed")) - 1  # seed 0 one FD point better and 1 s faster, seed 1 as much worse and slower
+history = [{"global_step": s, "train_seconds": s / 10 + shift, "digits_fd": 6.5 + 100 / (1 + rate * s / 100) + shift,
             "digits_confidence": 0.9, "digits_class_entropy": 0.99, "digits_fd_real_halves": 6.5}
            for s in range(every, steps + 1, every)]
 out.mkdir(parents=True)
@@ -118,20 +120,36 @@ with open(out.parent / "runs.jsonl", "a") as f:
 """
 
 
-def test_main_runs_a_then_b_and_reports_the_verdict_and_figure(tmp_path, monkeypatch, capsys):
+def test_main_alternates_the_recipes_over_the_seeds_and_judges_the_seed_averaged_curves(tmp_path, monkeypatch, capsys):
     fake = tmp_path / "fake_train.py"
     fake.write_text(textwrap.dedent(FAKE_TRAIN))
     monkeypatch.setattr(ttq, "TRAIN_SCRIPT", fake)
     figure = tmp_path / "ttq.png"
     ttq.main(["--eval_every", "100", "--default_steps", "300", "--eval_num_samples", "256",
-              "--output_dir", str(tmp_path / "runs"), "--figure", str(figure)])  # fmt: skip
+              "--seeds", "0", "1", "--output_dir", str(tmp_path / "runs"), "--figure", str(figure)])  # fmt: skip
     out = capsys.readouterr().out
     runs = [json.loads(line) for line in (tmp_path / "runs" / "runs.jsonl").read_text().splitlines()]
-    assert [Path(run[run.index("--output_dir") + 1]).name for run in runs] == ["default", "paper"]
+    names = ["default-seed0", "paper-seed0", "default-seed1", "paper-seed1"]
+    assert [Path(run[run.index("--output_dir") + 1]).name for run in runs] == names
+    assert [run[run.index("--seed") + 1] for run in runs] == ["0", "0", "1", "1"]
     assert "--learning_rate" not in runs[0] and runs[1][runs[1].index("--max_train_steps") + 1] == "900"
     assert "hardware: fake CPU" in out and "warning: below 512 samples" in out
-    # (b) ends at 6.5 + 100/10 = 16.5 after 90 s; (a) passes 6.5 + 100/9 at 20 s and 6.5 + 100/13 at 30 s
+    # the seeds' shifts cancel in the means: (b) ends at 6.5 + 100/10 = 16.5 after 90 s; (a) passes 6.5 + 100/9 at
+    # 20 s and 6.5 + 100/13 at 30 s
     crossing = 20 + (100 / 9 - 10) / (100 / 9 - 100 / 13) * 10
     assert f"after {crossing:.1f} training seconds" in out
     assert f"ratio (a) / (b): {crossing / 90:.3f}; goal <= 1/3: met" in out
-    assert out.count("| step | train seconds |") == 2 and figure.is_file()
+    assert out.count("| step | train seconds |") == 4 and figure.is_file()
+    assert "averaged over the 2 seeds" in out and "seed 0: ratio (a) / (b) " in out and "seed 1: ratio" in out
+
+
+def test_seed_average_is_point_by_point_and_needs_the_same_evaluation_steps():
+    mean = ttq.mean_history(
+        [history((200, 20.0, 30.0), (100, 10.0, 50.0)), history((100, 12.0, 40.0), (200, 24.0, 20.0))]
+    )
+    assert [(p["global_step"], p["train_seconds"], p["digits_fd"]) for p in mean] == [
+        (100, 11.0, 45.0),
+        (200, 22.0, 25.0),
+    ]
+    with pytest.raises(SystemExit, match="different steps"):
+        ttq.mean_history([history((100, 10.0, 50.0)), history((150, 10.0, 50.0))])

@@ -11,6 +11,9 @@ checks its values in `__post_init__`, so a bad flag stops the script before anyt
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import sys
+import typing
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +23,8 @@ from transformers import HfArgumentParser
 from hf_ddpm.errors import ConfigError
 
 MODEL_HELP = "pipeline folder (e.g. a training output) or Hub repo id"
+# what transformers' string_to_bool reads as a boolean flag's value
+_BOOL_WORDS = {"yes", "true", "t", "y", "1", "no", "false", "f", "n", "0"}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -33,8 +38,27 @@ def parse_model_arguments(
     scripts/sample.py and scripts/evaluate.py: MODEL, then the dataclasses' flags."""
     parser = HfArgumentParser(types, description=description, formatter_class=_HelpFormatter)
     parser.add_argument("model", help=MODEL_HELP)
-    *instances, rest = parse_into_dataclasses(parser, argv)
+    *instances, rest = parse_into_dataclasses(parser, _bare_switches_set(types, argv))
     return (rest.model, *instances)
+
+
+def _bare_switches_set(types: Sequence[type], argv: list[str] | None) -> list[str]:
+    """`argv` with "true" after each boolean flag given bare before a word that is not a boolean: HfArgumentParser's
+    boolean flags take an optional value, so `--allow_pickle output` would read MODEL as that value."""
+    argv = sys.argv[1:] if argv is None else argv
+    switches = {
+        f"--{field.name}"
+        for cls in types
+        for field in dataclasses.fields(cls)
+        if typing.get_type_hints(cls)[field.name] in (bool, bool | None)
+    }
+    fixed: list[str] = []
+    for arg, following in zip(argv, [*argv[1:], None], strict=True):
+        fixed.append(arg)
+        if arg in switches and following is not None and not following.startswith("-"):
+            if following.lower() not in _BOOL_WORDS:
+                fixed.append("true")
+    return fixed
 
 
 def parse_into_dataclasses(parser: HfArgumentParser, argv: list[str] | None) -> tuple[Any, ...]:

@@ -17,6 +17,7 @@ are labelled: a table of R rows and C columns is `C * 100 (+ 60)` pixels wide an
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,19 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from hf_ddpm.arguments import check_positive
+from hf_ddpm.data import BUILTIN_DIGITS, load_image_dataset
+from hf_ddpm.hub import load_pipeline
 from hf_ddpm.pipeline import DDPMPipeline
-from hf_ddpm.sampling import default_steps, image_generators, sampling_pipeline, save_images
+from hf_ddpm.sampling import (
+    SamplingArguments,
+    compile_for_sampling,
+    default_steps,
+    generate,
+    image_generators,
+    sampling_pipeline,
+    save_images,
+)
 from hf_ddpm.scheduler import DDPMScheduler
 
 DPI = 100
@@ -45,6 +57,8 @@ def save_line_plot(fig: Figure, ax: Any, path: str | Path) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     return save_figure(fig, path)
+
+
 CELL_PIXELS = 100
 TITLE_PIXELS = 30
 LABEL_PIXELS = 60
@@ -193,3 +207,34 @@ def metric_vs_steps_figure(
     ax.set_xlabel("sampling steps")
     ax.set_ylabel(f"{metric_name} ({'lower' if lower_is_better else 'higher'} is better)")
     return save_line_plot(fig, ax, path)
+
+
+@dataclass
+class FigureArguments:
+    """What scripts/make_figures.py draws besides the sampling options: where, from which images, how many."""
+
+    output_dir: str = field(metadata={"help": "folder for forward_process.png, reverse_process.png, samples.png"})
+    dataset: str = field(default=BUILTIN_DIGITS, metadata={"help": "images for the forward-process figure"})
+    num_rows: int = field(default=4, metadata={"help": "images in the forward and reverse figures"})
+    num_images: int = field(default=64, metadata={"help": "images in the sample grid"})
+
+    def __post_init__(self) -> None:
+        check_positive(self, ("num_rows", "num_images"))
+
+
+def make_figures(model: str, args: FigureArguments, sampling: SamplingArguments) -> list[Path]:
+    """scripts/make_figures.py: the forward process of `args.dataset` under `model`'s noise schedule, its reverse
+    process and a sample grid (the sampler defaults to 1000-step DDPM, the paper's). Returns the three paths."""
+    pipe = load_pipeline(model, allow_pickle=sampling.allow_pickle)
+    if sampling.torch_compile:
+        compile_for_sampling(pipe, min(sampling.batch_size, args.num_images))
+    unet = pipe.unet.config
+    data = load_image_dataset(args.dataset, resolution=unet.sample_size, channels=unet.in_channels)
+    out = Path(args.output_dir)
+    how = {"sampler": sampling.sampler or "ddpm", "num_inference_steps": sampling.num_inference_steps,
+           "seed": sampling.seed}  # fmt: skip
+    return [
+        forward_process_figure(data.pixels(range(args.num_rows)), pipe.scheduler, out / "forward_process.png"),
+        reverse_process_figure(pipe, out / "reverse_process.png", num_images=args.num_rows, **how),
+        sample_grid_figure(generate(pipe, args.num_images, batch_size=sampling.batch_size, **how), out / "samples.png"),
+    ]

@@ -17,12 +17,14 @@ from diffusers import DDPMPipeline as DiffusersDDPMPipeline
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 
+from hf_ddpm.arguments import parse_model_arguments
 from hf_ddpm.hub import load_pipeline
 from hf_ddpm.pipeline import DDPMPipeline
 from hf_ddpm.presets import build_unet
 from hf_ddpm.sampling import (
     SAMPLERS,
     SAMPLING_CONFIG,
+    SampleArguments,
     compile_for_sampling,
     default_steps,
     generate,
@@ -311,3 +313,12 @@ def test_torch_compile_samples_what_eager_samples_and_keeps_plain_weights(model_
     eager = generate(eager_pipe, 6, **kwargs).int()  # the last batch of 2 is another shape: compiled again
     compiled = generate(compiled_pipe, 6, **kwargs).int()
     assert (eager - compiled).abs().max() <= 1  # other kernels: float rounding may flip one 8-bit level
+
+
+def test_a_bare_boolean_flag_before_model_is_the_flag_not_the_models_value():
+    model, args = parse_model_arguments((SampleArguments,), ["--allow_pickle", "out", "--num_images", "4"])
+    assert (model, args.allow_pickle, args.num_images) == ("out", True, 4)
+    model, args = parse_model_arguments((SampleArguments,), ["--allow_pickle", "false", "out"])
+    assert (model, args.allow_pickle) == ("out", False)
+    model, args = parse_model_arguments((SampleArguments,), ["out", "--allow_pickle"])
+    assert (model, args.allow_pickle) == ("out", True)

@@ -39,7 +39,7 @@ from diffusers.training_utils import EMAModel
 from torch.profiler import record_function
 from tqdm.auto import tqdm
 
-from hf_ddpm import checkpointing, distributed, sampling, speed
+from hf_ddpm import checkpointing, distributed, posthoc_ema, sampling, speed
 from hf_ddpm.arguments import check_fp16_device
 from hf_ddpm.atomic import write_json
 from hf_ddpm.data import BUILTIN_DIGITS, EpochOrder, ImageDataset, load_data
@@ -230,6 +230,11 @@ class Trainer:
             )
             self.ema.to(self.accelerator.device)
             self.accelerator.register_for_checkpointing(self.ema)
+        self.posthoc_ema = None  # --posthoc_ema_every: EDM2's power-function EMAs, saved as snapshots
+        if args.posthoc_ema_every:
+            sigma_rels = posthoc_ema.parse_sigma_rels(args.posthoc_ema_sigma_rels, "--posthoc_ema_sigma_rels")
+            self.posthoc_ema = posthoc_ema.PowerEMA(self.unet.parameters(), sigma_rels)
+            self.accelerator.register_for_checkpointing(self.posthoc_ema)
         # the bookkeeping that checkpoints carry: where the run is, how long it took, what evaluations found
         self.global_step, self.micro_step, self.wall_time = 0, 0, 0.0
         self.loss_avg: float | None = None  # smoothed over steps, for the progress bar and the summary
@@ -269,6 +274,10 @@ class Trainer:
                 began = time.perf_counter()
                 self._evaluate(self.global_step, train_seconds=began - self._started - self.eval_seconds)
                 self.eval_seconds += time.perf_counter() - began
+            # post-hoc EMA: snapshots from which any EMA length can be rebuilt and chosen by the metric afterwards
+            every = args.posthoc_ema_every
+            if every and (self.global_step % every == 0 or self.global_step == self.max_steps):
+                self._save_posthoc_snapshot()
             # checkpoint + periodic push: a crash loses at most --checkpointing_steps, and the Hub follows the run
             # (a non-finite loss since the last logging step stops it first: a bad model is never saved as good)
             if self.global_step % args.checkpointing_steps == 0 or self.global_step == self.max_steps:
@@ -333,9 +342,11 @@ class Trainer:
                 break
         with record_function("optimizer"):
             self.lr_scheduler.step()
-        if self.ema is not None:
+        if self.ema is not None or self.posthoc_ema is not None:
             with record_function("ema"):
-                self.ema.step(self.unet.parameters())
+                for ema in (self.ema, self.posthoc_ema):
+                    if ema is not None:
+                        ema.step(self.unet.parameters())
         self.global_step += 1
         with record_function("logging"):
             self.loss_sum += loss.detach()
@@ -393,6 +404,11 @@ class Trainer:
         checkpointing.save_checkpoint(
             self.accelerator, self.checkpoints_dir, self.global_step, state, args.checkpoints_total_limit
         )
+
+    def _save_posthoc_snapshot(self) -> None:
+        if distributed.is_main(self.accelerator):
+            names = [name for name, _ in self.unet.named_parameters()]
+            posthoc_ema.save_snapshot(self.posthoc_ema, names, self.output_dir / posthoc_ema.SNAPSHOT_DIR)
 
     def _push_progress(self) -> None:
         """--hub_push_every N: every N-th checkpoint before the last also exports and pushes the run."""

@@ -30,6 +30,7 @@ from hf_ddpm.arguments import check_fp16_device, parse_into_dataclasses
 from hf_ddpm.data import DataArguments
 from hf_ddpm.errors import ConfigError
 from hf_ddpm.hub import check_repo_id
+from hf_ddpm.posthoc_ema import parse_sigma_rels
 from hf_ddpm.presets import get_preset, list_presets
 from hf_ddpm.sampling import RECOMMENDED_SAMPLER, SAMPLERS
 from hf_ddpm.scheduler import LOSS_WEIGHTINGS, PREDICTION_TYPES, VARIANCE_TYPES
@@ -113,6 +114,14 @@ class TrainingArguments(DataArguments):
     ema_max_decay: float = field(default=0.9999, metadata={"help": "EMA decay after warm-up"})
     ema_inv_gamma: float = field(default=1.0, metadata={"help": "EMA warm-up inverse multiplicative factor"})
     ema_power: float = field(default=0.75, metadata={"help": "EMA warm-up exponent"})
+    posthoc_ema_every: int = field(
+        default=0,
+        metadata={"help": "every N steps save snapshots of power-function EMAs (EDM2) to OUTPUT/posthoc_ema, from "
+                  "which scripts/posthoc_ema.py rebuilds any EMA length after training; 0: off"},
+    )  # fmt: skip
+    posthoc_ema_sigma_rels: str = field(
+        default="0.05,0.1", metadata={"help": "relative widths of the stored power-function EMAs (EDM2's two)"}
+    )
     # Speed (hf_ddpm.speed): none changes what is trained, only how fast and up to float rounding
     torch_compile: bool = field(
         default=False,
@@ -205,6 +214,9 @@ class TrainingArguments(DataArguments):
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise ConfigError(f"--max_train_steps must be at least 1, got {self.max_train_steps}")
+        if self.posthoc_ema_every < 0:
+            raise ConfigError(f"--posthoc_ema_every must be 0 (off) or more, got {self.posthoc_ema_every}")
+        parse_sigma_rels(self.posthoc_ema_sigma_rels, "--posthoc_ema_sigma_rels")
         if self.prefetch_batches is not None and self.prefetch_batches < 0:
             raise ConfigError(f"--prefetch_batches must be 0 (off) or more, got {self.prefetch_batches}")
         if self.report_to == "wandb" and not is_wandb_available():  # accelerate would drop it with a debug line

@@ -196,6 +196,7 @@ def train_command(recipe: list[str], output_dir: Path, steps: int, seed: int, ar
         "--eval_every", str(args.eval_every), "--eval_metric", "digits",
         "--eval_num_samples", str(args.eval_num_samples),
         "--preview_sampler", args.eval_sampler, "--preview_steps", str(args.eval_steps), "--sample_every", "0",
+        "--posthoc_ema_every", str(args.posthoc_ema_every),
     ]  # fmt: skip
     return [sys.executable, str(TRAIN_SCRIPT), *recipe, *measurement]
 
@@ -223,6 +224,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--paper_steps", type=int, default=None, help="steps of (b), default 3x --default_steps")
     parser.add_argument("--output_dir", default=None, help="where both runs go (default: a new temporary folder)")
     parser.add_argument("--figure", default="docs/time_to_quality.png", help="PNG of digits FD against seconds")
+    parser.add_argument("--posthoc_ema_every", type=int, default=0,
+                        help="both runs: save post-hoc EMA snapshots, for scripts/posthoc_ema.py afterwards")  # fmt: skip
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds, each run once per recipe")
     args = parser.parse_args(argv)
     args.paper_steps = args.paper_steps or 3 * args.default_steps

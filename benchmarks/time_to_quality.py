@@ -224,8 +224,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--paper_steps", type=int, default=None, help="steps of (b), default 3x --default_steps")
     parser.add_argument("--output_dir", default=None, help="where both runs go (default: a new temporary folder)")
     parser.add_argument("--figure", default="docs/time_to_quality.png", help="PNG of digits FD against seconds")
-    parser.add_argument("--posthoc_ema_every", type=int, default=0,
-                        help="both runs: save post-hoc EMA snapshots, for scripts/posthoc_ema.py afterwards")  # fmt: skip
+    parser.add_argument("--posthoc_ema_every", type=int, default=0, help="both runs: keep post-hoc EMA snapshots")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds, each run once per recipe")
     args = parser.parse_args(argv)
     args.paper_steps = args.paper_steps or 3 * args.default_steps

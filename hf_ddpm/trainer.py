@@ -25,14 +25,16 @@ import math
 import shutil
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.tracking import GeneralTracker
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -48,6 +50,7 @@ from hf_ddpm.hub import BackgroundPusher, push_options
 from hf_ddpm.pipeline import DDPMPipeline
 from hf_ddpm.presets import build_unet, learned_variance_unet
 from hf_ddpm.scheduler import DDPMScheduler
+from hf_ddpm.streaming import ImageStream, open_stream
 from hf_ddpm.timestep_samplers import UniformSampler, create_timestep_sampler
 from hf_ddpm.training_args import EVAL_SCORE, TrainingArguments
 
@@ -157,6 +160,7 @@ class Trainer:
             project_config=ProjectConfiguration(
                 project_dir=str(self.output_dir), logging_dir=str(self.output_dir / args.logging_dir)
             ),
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
         )
         # accelerate's config may ask for fp16 where --mixed_precision did not, or run on the CPU of a GPU machine
         check_fp16_device(self.accelerator.mixed_precision, self.accelerator.device.type)
@@ -177,19 +181,18 @@ class Trainer:
         self.unet = build_model(args)
         self.noise_scheduler = make_noise_scheduler(args)
         self.timestep_sampler = create_timestep_sampler(args.timestep_sampler, args.num_train_timesteps)
-        with self.accelerator.main_process_first():  # the main process decodes and caches, the others read it
-            self.data = load_training_data(args, self.unet)
         self.world = distributed.world_size(self.accelerator)
         self.global_micro_batch = args.train_batch_size * self.world
         self.global_batch = self.global_micro_batch * args.gradient_accumulation_steps
-        if len(self.data) < self.global_micro_batch:
-            raise TrainingError(
-                f"the dataset has {len(self.data)} images, fewer than one global batch of {self.global_micro_batch} "
-                f"({args.train_batch_size} per process x {self.world} processes); lower --train_batch_size"
-            )
-        self.order = EpochOrder(len(self.data), self.global_micro_batch, args.seed)
-        steps_per_epoch = max(self.order.micro_steps_per_epoch // args.gradient_accumulation_steps, 1)
-        self.max_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
+        # the data: a stream read shard by shard (--streaming), or decoded once into a cache and indexed
+        self.stream: ImageStream | None = None
+        if args.streaming:
+            rank = distributed.rank(self.accelerator)
+            self.stream = open_stream(args, self.unet.config.sample_size, self.unet.config.in_channels,
+                                      seed=args.seed, rank=rank, world_size=self.world)  # fmt: skip
+            self.max_steps = args.max_train_steps
+        else:
+            self._load_cached_data()
         self.num_params = sum(p.numel() for p in self.unet.parameters())
 
         device = self.accelerator.device
@@ -234,6 +237,27 @@ class Trainer:
         # one entry per --eval_every evaluation: step, training seconds so far (evaluations excluded), values
         self.eval_history: list[dict[str, float]] = []
         self.eval_seconds = 0.0
+
+    def _load_cached_data(self) -> None:
+        """`self.data` and its `EpochOrder`, and the run length; the cache is built once per file system: by the
+        main process when every process sees the same --cache_dir, else by the local main process of each node."""
+        args, accelerator = self.args, self.accelerator
+        shared = distributed.shared_folder(args.cache_dir or datasets.config.HF_DATASETS_CACHE, accelerator)
+        if distributed.world_size(accelerator) > 1:
+            where = "once, by the main process" if shared else "on each node, by its local main process"
+            logger.info("the decoded dataset cache is built %s (--cache_dir is%s shared)", where,
+                        "" if shared else " not")  # fmt: skip
+        first = accelerator.main_process_first() if shared else accelerator.local_main_process_first()
+        with first:  # one process decodes and caches, the others read its cache
+            self.data = load_training_data(args, self.unet)
+        if len(self.data) < self.global_micro_batch:
+            raise TrainingError(
+                f"the dataset has {len(self.data)} images, fewer than one global batch of {self.global_micro_batch} "
+                f"({args.train_batch_size} per process x {self.world} processes); lower --train_batch_size"
+            )
+        self.order = EpochOrder(len(self.data), self.global_micro_batch, args.seed)
+        steps_per_epoch = max(self.order.micro_steps_per_epoch // args.gradient_accumulation_steps, 1)
+        self.max_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
 
     def train(self) -> dict[str, Any]:
         """Run to `max_steps`, checkpointing on the way; then export. Returns training_summary.json's results."""
@@ -280,18 +304,30 @@ class Trainer:
             self.global_step, self.wall_time = state["global_step"], state["wall_time_s"]
             self.best_score = state.get("best_score")
             self.eval_history, self.eval_seconds = state.get("eval_history", []), state.get("eval_seconds", 0.0)
+            if self.stream is not None:
+                self._resume_stream(state.get("stream_positions"))
             logger.info("resumed from %s at step %d", self.resume, self.global_step)
         elif self.args.resume_from_checkpoint == "latest":
             logger.info("no checkpoint in %s yet; starting a fresh run", self.checkpoints_dir)
         self.micro_step = self.global_step * self.args.gradient_accumulation_steps
 
+    def _resume_stream(self, positions: list[dict[str, Any]] | None) -> None:
+        """--streaming: this process goes on from its own stream position, saved in the checkpoint."""
+        if positions is None or len(positions) != self.world:
+            saved = "no stream position" if positions is None else f"the stream positions of {len(positions)} processes"
+            raise TrainingError(
+                f"{self.resume} holds {saved}; a --streaming run resumes with --streaming and the same number of "
+                f"processes ({self.world} now)"
+            )
+        self.stream.load_state_dict(positions[distributed.rank(self.accelerator)])
+
     def _start_trackers(self) -> None:
         """Log the run's size and hardware; the main process starts the trackers with the hyper-parameters."""
         args, accelerator = self.args, self.accelerator
         logger.info(
-            "%d images, %s parameters; batch %d per process x %d process(es) x %d accumulation = global batch %d; "
+            "%s images, %s parameters; batch %d per process x %d process(es) x %d accumulation = global batch %d; "
             "%d optimizer steps; %s; %s",
-            len(self.data), f"{self.num_params:,}", args.train_batch_size, self.world,
+            "streamed" if self.stream else len(self.data), f"{self.num_params:,}", args.train_batch_size, self.world,
             args.gradient_accumulation_steps, self.global_batch, self.max_steps, speed.hardware(accelerator),
             self._levers(),
         )  # fmt: skip
@@ -378,6 +414,8 @@ class Trainer:
         state = {"global_step": self.global_step, "micro_step": self.micro_step, "wall_time_s": self.wall_time,
                  "best_score": self.best_score, "eval_history": self.eval_history,
                  "eval_seconds": self.eval_seconds}  # fmt: skip
+        if self.stream is not None:  # every process's own place in its stream
+            state["stream_positions"] = distributed.gather_objects([self.stream.state_dict()], self.accelerator)
         if self.hub and args.push_checkpoints:
             self.hub.wait()  # the push reads checkpoints/, which saving rotates
         checkpointing.save_checkpoint(
@@ -411,10 +449,13 @@ class Trainer:
         rank = distributed.rank(self.accelerator)
         generator = distributed.seeded_generator(distributed.Stream.MICRO_BATCHES, args.seed, micro_step, rank)
         with record_function("data"):
-            rows = self.order.indices(micro_step, rank, args.train_batch_size)
-            x0 = self.data.get_batch(rows, generator, random_flip=args.random_flip)
+            if self.stream is not None:
+                x0 = self.stream.batch(micro_step, generator, random_flip=args.random_flip)
+            else:
+                rows = self.order.indices(micro_step, rank, args.train_batch_size)
+                x0 = self.data.get_batch(rows, generator, random_flip=args.random_flip)
         with record_function("noise"):
-            timesteps, weights = self.timestep_sampler.sample(len(rows), "cpu", generator)
+            timesteps, weights = self.timestep_sampler.sample(len(x0), "cpu", generator)
             noise = torch.randn(x0.shape, generator=generator)
             # from pinned memory a copy to a GPU does not wait for the steps queued before it
             pinned = device.type == "cuda"
@@ -567,7 +608,7 @@ class Trainer:
             "hardware": speed.hardware(accelerator),
             "speed_settings": self._levers(),
             "mixed_precision": accelerator.mixed_precision,
-            "num_train_images": len(self.data),
+            "num_train_images": None if self.stream else len(self.data),
             "dataset": args.train_data_dir or args.dataset_name or BUILTIN_DIGITS,
         }
         if distributed.is_main(accelerator):

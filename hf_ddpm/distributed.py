@@ -62,15 +62,14 @@ def shared_folder(folder: str | Path, accelerator: Accelerator | None) -> bool:
     the main process writes there is seen by all. Must be called on every process."""
     if world_size(accelerator) == 1:
         return True
-    marker = None
-    if is_main(accelerator):
+    name = f".hf_ddpm-shared-{uuid.uuid4().hex}" if is_main(accelerator) else None
+    if name is not None:
         Path(folder).mkdir(parents=True, exist_ok=True)
-        marker = Path(folder) / f".hf_ddpm-shared-{uuid.uuid4().hex}"
-        marker.touch()
-    marker = gather_objects([marker], accelerator)[0]  # the main's; a collective, so the file exists by now
-    seen = gather_objects([marker.is_file()], accelerator)
+        (Path(folder) / name).touch()
+    name = gather_objects([name], accelerator)[0]  # the main's; a collective, so the file exists by now
+    seen = gather_objects([(Path(folder) / name).is_file()], accelerator)  # in this process's own `folder`
     if is_main(accelerator):
-        marker.unlink()
+        (Path(folder) / name).unlink()
     return all(seen)
 
 

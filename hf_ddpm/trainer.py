@@ -186,6 +186,8 @@ class Trainer:
         self.global_batch = self.global_micro_batch * args.gradient_accumulation_steps
         # the data: a stream read shard by shard (--streaming), or decoded once into a cache and indexed
         self.stream: ImageStream | None = None
+        self.data: ImageDataset | None = None
+        self.order: EpochOrder | None = None
         if args.streaming:
             rank = distributed.rank(self.accelerator)
             self.stream = open_stream(args, self.unet.config.sample_size, self.unet.config.in_channels,

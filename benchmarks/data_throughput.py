@@ -1,6 +1,6 @@
 """Data throughput: images/s the cached and the streaming paths deliver, against what a training step consumes.
 
-    python benchmarks/data_throughput.py --workers 0 2 --batch_size 16 --train_batch_size 4
+    python benchmarks/data_throughput.py --workers 0 1 2 --batch_size 16 --train_batch_size 4
 
 Local webdataset shards of generated JPEGs (smooth random colour fields, 5/4 of the target size so every image is
 resized) are written to a temporary folder, at each --resolutions. Then, for each resolution:
@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--resolutions", type=int, nargs="+", default=[32, 256])
     parser.add_argument("--num_images", type=int, nargs="+", default=[2048, 256], help="per resolution")
     parser.add_argument("--num_shards", type=int, default=4)
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--batches", type=int, nargs="+", default=[100, 12], help="timed batches, per resolution")
     parser.add_argument("--presets", nargs="+", default=["ddpm-cifar10-32"])
@@ -127,7 +127,8 @@ def main() -> None:
     print(f"hardware: {hardware}")
     print("| path | px | workers | img/s | note |\n|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['path']} | {row['px']} | {row['workers']} | {row['img_s']:.0f} | {row['note']} |")
+        rate = f"{row['img_s']:.0f}" if row["img_s"] >= 10 else f"{row['img_s']:.2f}"
+        print(f"| {row['path']} | {row['px']} | {row['workers']} | {rate} | {row['note']} |")
     if options.json:
         Path(options.json).write_text(json.dumps({"hardware": hardware, "rows": rows}, indent=1))
 

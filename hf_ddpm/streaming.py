@@ -34,6 +34,7 @@ from typing import Any
 import datasets
 import torch
 from datasets.distributed import split_dataset_by_node
+from datasets.table import InMemoryTable
 
 from hf_ddpm.cli import one_line
 from hf_ddpm.data import (
@@ -182,7 +183,9 @@ class ImageStream:
             decoded.position.num_images = self.position.num_images + len(decoded.names)
             self.position = decoded.position
             if decoded.names:
-                data = datasets.Dataset.from_dict(decoded.rows, features=_FEATURES)
+                # a fixed fingerprint: hashing every batch's pixels would cost more than decoding them
+                table = InMemoryTable.from_pydict(decoded.rows, schema=_FEATURES.arrow_schema)
+                data = datasets.Dataset(table, info=datasets.DatasetInfo(features=_FEATURES), fingerprint="stream")
                 return ImageDataset(data, self.channels, self.resolution, random_crop=self.random_crop), decoded.names
 
     def raw_batches(self, start: StreamPosition) -> Iterator[_RawBatch]:

@@ -9,6 +9,7 @@ import subprocess
 import tarfile
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -19,8 +20,8 @@ from test_training import FAST, _Interrupt, weights
 
 from hf_ddpm import checkpointing
 from hf_ddpm.data import load_image_dataset
-from hf_ddpm.errors import ConfigError, DataError
-from hf_ddpm.streaming import ImageStream, load_stream
+from hf_ddpm.errors import ConfigError, DataError, TrainingError
+from hf_ddpm.streaming import ImageStream, load_stream, open_stream
 from hf_ddpm.trainer import Trainer
 from hf_ddpm.training_args import parse_training_args
 
@@ -57,8 +58,6 @@ def stream_args(shards: Path, *extra: str) -> list[str]:
 def make_stream(shards: Path, *extra: str, batch_size: int = 4) -> ImageStream:
     args = parse_training_args([*stream_args(shards, "--max_train_steps", "1", *extra),
                                 "--train_batch_size", str(batch_size)])  # fmt: skip
-    from hf_ddpm.streaming import open_stream
-
     return open_stream(args, 8, 3, seed=args.seed, rank=0, world_size=1)
 
 
@@ -84,10 +83,33 @@ def names(stream: ImageStream, steps: range) -> list[list[str]]:
     return seen
 
 
-def test_streamed_images_are_the_cached_pixels(shards, tmp_path):
+def as_other_source(shards: Path, kind: str, folder: Path) -> Path:
+    """The images of `shards` as a folder of PNG files, or as parquet shards."""
+    if kind == "webdataset":
+        return shards
+    images = [(f"{info.name}", tar.extractfile(info).read()) for path in sorted(shards.glob("*.tar"))
+              for tar in [tarfile.open(path)] for info in tar.getmembers()]  # fmt: skip
+    folder.mkdir()
+    if kind == "imagefolder":
+        for name, payload in images:
+            (folder / name).write_bytes(payload)
+        return folder
+    features = datasets.Features({"image": datasets.Image()})
+    for shard in range(2):
+        rows = {"image": [{"bytes": payload, "path": None} for _, payload in images[shard::2]]}
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(folder / f"train-{shard:05d}.parquet")
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["webdataset", "imagefolder", "parquet"])
+def test_streamed_images_are_the_cached_pixels(shards, tmp_path, kind):
     """Every image of an epoch once, decoded and resized (short side, centre crop) exactly as the cache does."""
-    cached = load_image_dataset(str(shards), resolution=8, channels=3, cache_dir=str(tmp_path / "cache"))
-    stream = make_stream(shards, batch_size=SHARDS * PER_SHARD)  # one batch is the whole epoch
+    source = as_other_source(shards, kind, tmp_path / kind)
+    flag = "--train_data_dir" if kind == "imagefolder" else "--dataset_name"
+    cached = load_image_dataset(**{flag[2:]: str(source)}, resolution=8, channels=3, cache_dir=str(tmp_path / "c"))
+    args = parse_training_args([*FAST, "--streaming", flag, str(source), "--max_train_steps", "1",
+                                "--train_batch_size", str(SHARDS * PER_SHARD)])  # fmt: skip
+    stream = open_stream(args, 8, 3, seed=0, rank=0, world_size=1)  # one batch is the whole epoch
     batch = stream.batch(0, torch.Generator())
     assert len(stream.names()) == len(set(stream.names())) == len(cached) == SHARDS * PER_SHARD
     as_uint8 = ((batch + 1) * 127.5).round().to(torch.uint8)
@@ -199,3 +221,18 @@ def test_two_processes_never_see_an_image_twice_in_an_epoch(tmp_path, num_shards
         assert not share[0] & share[1], "both ranks saw an image in the same epoch"
     rank0, rank1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+
+
+def test_resuming_a_stream_needs_every_process_position(shards, tmp_path):
+    args = [*stream_args(shards, "--output_dir", str(tmp_path / "out"), "--checkpointing_steps", "2")]
+    Trainer(parse_training_args([*args, "--max_train_steps", "2"])).train()
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    state_file = tmp_path / "out/checkpoints/checkpoint-2" / checkpointing.STATE_FILE
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "stream_positions": state["stream_positions"] * 2}))
+    resumed = Trainer(parse_training_args([*args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"]))
+    with pytest.raises(TrainingError, match=r"the stream positions of 2 processes; .* same number of processes \(1"):
+        resumed.train()

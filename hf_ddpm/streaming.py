@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from typing import Any
 
@@ -134,10 +134,10 @@ class ImageStream:
         random_crop: bool = False,
         skip_bad_images: bool = False,
     ) -> None:
-        self.source, self.column, self.flag = source, column, flag
-        self.resolution, self.channels, self.random_crop = resolution, channels, random_crop
-        self.batch_size, self.seed, self.rank = batch_size, seed, rank
-        self.buffer_size, self.num_workers = shuffle_buffer_size, num_workers
+        self.resolution, self.channels = resolution, channels
+        self.random_crop, self.num_workers = random_crop, num_workers
+        # the sampler holds no reference back to this stream, so dropping the stream stops its workers at once
+        self.reader = _Reader(source, column, flag, batch_size, shuffle_buffer_size, seed, rank, StreamPosition())
         settings = {"resolution": resolution, "channels": channels, "keep_aspect": center_crop or random_crop,
                     "crop": center_crop and not random_crop}  # fmt: skip
         self.decoder = _Decoder(settings, skip_bad_images, flag)
@@ -157,21 +157,24 @@ class ImageStream:
         """What the rows of the last batch are called (a webdataset key, a file path or a stream row)."""
         return self._last[2] if self._last else []
 
+    def close(self) -> None:
+        """Stop the DataLoader workers; a later batch starts new ones where the stream is."""
+        self._iterator = None
+
     def state_dict(self) -> dict[str, Any]:
         """The position after the last batch handed out (JSON-serialisable)."""
         return asdict(self.position)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue after the batch whose position `state` is (from `state_dict`)."""
-        self.position = StreamPosition(**state)
-        self._iterator, self._last = None, None
+        self.close()
+        self.position, self._last = StreamPosition(**state), None
 
     def _next(self) -> tuple[ImageDataset, list[str]]:
         if self._iterator is None:
-            loader = torch.utils.data.DataLoader(
-                self.decoder, batch_size=None, sampler=_Batches(self, self.position), num_workers=self.num_workers,
-                collate_fn=_keep, persistent_workers=False,
-            )  # fmt: skip
+            reader = replace(self.reader, start=self.position)
+            loader = torch.utils.data.DataLoader(self.decoder, batch_size=None, sampler=reader,
+                                                 num_workers=self.num_workers, collate_fn=_keep)  # fmt: skip
             self._iterator = iter(loader)
         while True:  # a batch whose every image was skipped is passed over
             decoded = next(self._iterator)
@@ -188,8 +191,24 @@ class ImageStream:
                 data = datasets.Dataset(table, info=datasets.DatasetInfo(features=_FEATURES), fingerprint="stream")
                 return ImageDataset(data, self.channels, self.resolution, random_crop=self.random_crop), decoded.names
 
-    def raw_batches(self, start: StreamPosition) -> Iterator[_RawBatch]:
-        """Encoded micro-batches from `start` on, epoch after epoch (read in the training process)."""
+
+@dataclass
+class _Reader:
+    """The DataLoader's sampler, run in the training process: reads the stream from `start` and cuts its shuffled
+    windows into micro-batches of encoded images (a fresh pass each time it is iterated)."""
+
+    source: datasets.IterableDataset
+    column: str
+    flag: str
+    batch_size: int
+    buffer_size: int
+    seed: int
+    rank: int
+    start: StreamPosition
+
+    def __iter__(self) -> Iterator[_RawBatch]:
+        """Encoded micro-batches from `start` on, epoch after epoch."""
+        start = self.start
         epoch, window, window_start, offset = start.epoch, start.window, start.window_start, start.offset
         while True:
             self.source.set_epoch(epoch)
@@ -226,17 +245,6 @@ class ImageStream:
         if isinstance(value, dict) and value.get("path"):
             return str(value["path"])
         return f"row {index} of epoch {epoch} of process {self.rank}'s share"
-
-
-@dataclass
-class _Batches:
-    """The DataLoader's sampler: a fresh `raw_batches` from `start` each time it is iterated."""
-
-    stream: ImageStream
-    start: StreamPosition
-
-    def __iter__(self) -> Iterator[_RawBatch]:
-        return self.stream.raw_batches(self.start)
 
 
 def load_stream(args: DataArguments) -> tuple[datasets.IterableDataset, str, str]:

@@ -436,6 +436,8 @@ class Trainer:
 
     def _finish(self) -> dict[str, Any]:
         """The final export; then the earlier run (--overwrite_output_dir) is deleted and the run is pushed."""
+        if self.stream is not None:
+            self.stream.close()  # its workers' memory is free for sampling
         results = self._export(final_samples=True)
         if self.overwritten is not None:
             shutil.rmtree(self.overwritten)

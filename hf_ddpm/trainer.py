@@ -8,7 +8,8 @@
 Augmentation, timesteps and noise of micro-step m on process r come from a generator seeded by (seed, m, r)
 and the data order from one seeded by (seed, epoch) (`hf_ddpm.distributed.seeded_generator`, a stream each), so
 a resumed run continues exactly where it stopped without replaying batches, and N steps straight equal
-N/2 + resume + N/2 bit for bit on one process.
+N/2 + resume + N/2 bit for bit on one process. With --streaming the images come from `hf_ddpm.streaming`
+instead, whose position in the stream every checkpoint holds, with the same result.
 The learning-rate schedule is stepped once per optimizer step, whatever the number of processes or
 gradient-accumulation steps, so `--lr_warmup_steps` always counts optimizer steps.
 

@@ -20,7 +20,8 @@ never moves out of its window, so the mixing is that of the window plus the per-
 The main process reads and shuffles encoded images; `--dataloader_num_workers` torch DataLoader workers decode and
 resize them with `hf_ddpm.data`'s own code (the pixels of the cached path), batch by batch and in order. A rank's
 epoch ends when its share runs out; the last incomplete batch is dropped. A bad image raises a `DataError` naming
-its shard and row, or is skipped and counted with `--skip_bad_images` (its batch is one image short).
+it (webdataset: shard and key; image folders: the file; other sources: its row in the process's share of the
+epoch), or is skipped and counted with `--skip_bad_images` (its batch is one image short).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import torch
@@ -49,6 +50,9 @@ from hf_ddpm.data import (
 )
 from hf_ddpm.distributed import Stream, seeded_generator
 from hf_ddpm.errors import DataError
+
+if TYPE_CHECKING:
+    from hf_ddpm.training_args import TrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -271,8 +275,10 @@ def load_stream(args: DataArguments) -> tuple[datasets.IterableDataset, str, str
     return source, column, flag
 
 
-def open_stream(args: Any, resolution: int, channels: int, *, seed: int, rank: int, world_size: int) -> ImageStream:
-    """This process's `ImageStream` of the training set (`args`: `TrainingArguments`)."""
+def open_stream(
+    args: TrainingArguments, resolution: int, channels: int, *, seed: int, rank: int, world_size: int
+) -> ImageStream:
+    """This process's `ImageStream` of the training set."""
     source, column, flag = load_stream(args)
     if args.max_train_samples is not None:
         source = source.take(args.max_train_samples)

@@ -1,4 +1,5 @@
-"""Two "nodes" on loopback through configs/slurm_multi_node.sh: one process each, each with its own dataset cache."""
+"""Multi-node runs: two "nodes" on loopback through configs/slurm_multi_node.sh, each with its own dataset cache;
+--ddp_timeout."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 import socket
 import subprocess
+from datetime import timedelta
 from pathlib import Path
 
 from conftest import PYTHON, REPO_ROOT
@@ -51,3 +53,11 @@ def test_slurm_script_trains_on_two_nodes_each_building_its_own_cache(tmp_path):
     assert "cache is built on each node, by its local main process (--cache_dir is not shared)" in logs["node0"]
     for node in ("node0", "node1"):  # each node decoded the images into its own cache
         assert list((nodes / node / "cache").rglob("*.arrow")), node
+
+
+def test_ddp_timeout_reaches_the_process_group(tmp_path):
+    from hf_ddpm.trainer import Trainer
+    from hf_ddpm.training_args import parse_training_args
+
+    trainer = Trainer(parse_training_args([*FAST, "--output_dir", str(tmp_path / "o"), "--ddp_timeout", "77"]))
+    assert trainer.accelerator.init_handler.timeout == timedelta(seconds=77)

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import enum
 import math
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -55,6 +57,22 @@ def gather_objects(objects: list[object], accelerator: Accelerator | None) -> li
     return gather_object(objects) if world_size(accelerator) > 1 else objects
 
 
+def shared_folder(folder: str | Path, accelerator: Accelerator | None) -> bool:
+    """Whether every process sees the same `folder` (one file system for all nodes), told by whether a file that
+    the main process writes there is seen by all. Must be called on every process."""
+    if world_size(accelerator) == 1:
+        return True
+    name = f".hf_ddpm-shared-{uuid.uuid4().hex}" if is_main(accelerator) else None
+    if name is not None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / name).touch()
+    name = gather_objects([name], accelerator)[0]  # the main's; a collective, so the file exists by now
+    seen = gather_objects([(Path(folder) / name).is_file()], accelerator)  # in this process's own `folder`
+    if is_main(accelerator):
+        (Path(folder) / name).unlink()
+    return all(seen)
+
+
 def run_sharded(fn: Callable[[range], Output], num_items: int, accelerator: Accelerator | None = None) -> Output:
     """`fn(share)` on this process's `shard` of N >= 1 items; the outputs of all processes, concatenated in item
     order, on every process (CPU tensors).
@@ -83,6 +101,7 @@ class Stream(enum.IntEnum):
     IMAGES = 0  # image i of `sampling.generate` (and batch b of NLL evaluation): key (seed, i)
     MICRO_BATCHES = 1  # augmentation, timesteps and noise of micro-step m on rank r: key (seed, m, r)
     EPOCH_ORDER = 2  # the data permutation of epoch e: key (seed, e)
+    STREAM_WINDOWS = 3  # --streaming: the permutation of window w of epoch e on rank r: key (seed, e, w, r)
 
 
 def seeded_generator(stream: Stream, seed: int, *key: int, device: str | torch.device = "cpu") -> torch.Generator:

@@ -8,7 +8,8 @@
 Augmentation, timesteps and noise of micro-step m on process r come from a generator seeded by (seed, m, r)
 and the data order from one seeded by (seed, epoch) (`hf_ddpm.distributed.seeded_generator`, a stream each), so
 a resumed run continues exactly where it stopped without replaying batches, and N steps straight equal
-N/2 + resume + N/2 bit for bit on one process.
+N/2 + resume + N/2 bit for bit on one process. With --streaming the images come from `hf_ddpm.streaming`
+instead, whose position in the stream every checkpoint holds, with the same result.
 The learning-rate schedule is stepped once per optimizer step, whatever the number of processes or
 gradient-accumulation steps, so `--lr_warmup_steps` always counts optimizer steps.
 
@@ -25,14 +26,16 @@ import math
 import shutil
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.tracking import GeneralTracker
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -48,6 +51,7 @@ from hf_ddpm.hub import BackgroundPusher, push_options
 from hf_ddpm.pipeline import DDPMPipeline
 from hf_ddpm.presets import build_unet, learned_variance_unet
 from hf_ddpm.scheduler import DDPMScheduler
+from hf_ddpm.streaming import ImageStream, open_stream
 from hf_ddpm.timestep_samplers import create_timestep_sampler
 from hf_ddpm.training_args import EVAL_SCORE, TrainingArguments
 
@@ -157,6 +161,7 @@ class Trainer:
             project_config=ProjectConfiguration(
                 project_dir=str(self.output_dir), logging_dir=str(self.output_dir / args.logging_dir)
             ),
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
         )
         # accelerate's config may ask for fp16 where --mixed_precision did not, or run on the CPU of a GPU machine
         check_fp16_device(self.accelerator.mixed_precision, self.accelerator.device.type)
@@ -177,19 +182,20 @@ class Trainer:
         self.unet = build_model(args)
         self.noise_scheduler = make_noise_scheduler(args)
         self.timestep_sampler = create_timestep_sampler(args.timestep_sampler, args.num_train_timesteps)
-        with self.accelerator.main_process_first():  # the main process decodes and caches, the others read it
-            self.data = load_training_data(args, self.unet)
         self.world = distributed.world_size(self.accelerator)
         self.global_micro_batch = args.train_batch_size * self.world
         self.global_batch = self.global_micro_batch * args.gradient_accumulation_steps
-        if len(self.data) < self.global_micro_batch:
-            raise TrainingError(
-                f"the dataset has {len(self.data)} images, fewer than one global batch of {self.global_micro_batch} "
-                f"({args.train_batch_size} per process x {self.world} processes); lower --train_batch_size"
-            )
-        self.order = EpochOrder(len(self.data), self.global_micro_batch, args.seed)
-        steps_per_epoch = max(self.order.micro_steps_per_epoch // args.gradient_accumulation_steps, 1)
-        self.max_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
+        # the data: a stream read shard by shard (--streaming), or decoded once into a cache and indexed
+        self.stream: ImageStream | None = None
+        self.data: ImageDataset | None = None
+        self.order: EpochOrder | None = None
+        if args.streaming:
+            rank = distributed.rank(self.accelerator)
+            self.stream = open_stream(args, self.unet.config.sample_size, self.unet.config.in_channels,
+                                      seed=args.seed, rank=rank, world_size=self.world)  # fmt: skip
+            self.max_steps = args.max_train_steps
+        else:
+            self._load_cached_data()
         self.num_params = sum(p.numel() for p in self.unet.parameters())
 
         device = self.accelerator.device
@@ -210,9 +216,11 @@ class Trainer:
         self.model, self.optimizer = self.accelerator.prepare(self.unet, optimizer)
         self.unet = self.accelerator.unwrap_model(self.model)
         # batches made ahead, by default on a GPU only (on a CPU the thread would take cores from the step); not for
-        # an adaptive timestep sampler, which draws step k's timesteps from what step k-1 learned
+        # an adaptive timestep sampler, which draws step k's timesteps from what step k-1 learned, nor for a stream,
+        # whose checkpointed position must be the step's (its DataLoader workers read ahead instead)
         depth = args.prefetch_batches if args.prefetch_batches is not None else speed.default_prefetch(device)
-        self.batches = speed.Prefetcher(self._host_batch, 0 if self.timestep_sampler.adaptive else depth)
+        stateful = self.timestep_sampler.adaptive or self.stream is not None
+        self.batches = speed.Prefetcher(self._host_batch, 0 if stateful else depth)
         self.compiled = args.torch_compile and speed.compile_unet(self.unet, self._compile_trial)
         self.accelerator.register_for_checkpointing(self.lr_scheduler)  # stepped by hand, once per optimizer step
         self.accelerator.register_for_checkpointing(self.timestep_sampler)
@@ -244,6 +252,27 @@ class Trainer:
         # one entry per --eval_every evaluation: step, training seconds so far (evaluations excluded), values
         self.eval_history: list[dict[str, float]] = []
         self.eval_seconds = 0.0
+
+    def _load_cached_data(self) -> None:
+        """`self.data` and its `EpochOrder`, and the run length; the cache is built once per file system: by the
+        main process when every process sees the same --cache_dir, else by the local main process of each node."""
+        args, accelerator = self.args, self.accelerator
+        shared = distributed.shared_folder(args.cache_dir or datasets.config.HF_DATASETS_CACHE, accelerator)
+        if distributed.world_size(accelerator) > 1:
+            where = "once, by the main process" if shared else "on each node, by its local main process"
+            logger.info("the decoded dataset cache is built %s (--cache_dir is%s shared)", where,
+                        "" if shared else " not")  # fmt: skip
+        first = accelerator.main_process_first() if shared else accelerator.local_main_process_first()
+        with first:  # one process decodes and caches, the others read its cache
+            self.data = load_training_data(args, self.unet)
+        if len(self.data) < self.global_micro_batch:
+            raise TrainingError(
+                f"the dataset has {len(self.data)} images, fewer than one global batch of {self.global_micro_batch} "
+                f"({args.train_batch_size} per process x {self.world} processes); lower --train_batch_size"
+            )
+        self.order = EpochOrder(len(self.data), self.global_micro_batch, args.seed)
+        steps_per_epoch = max(self.order.micro_steps_per_epoch // args.gradient_accumulation_steps, 1)
+        self.max_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
 
     def train(self) -> dict[str, Any]:
         """Run to `max_steps`, checkpointing on the way; then export. Returns training_summary.json's results."""
@@ -295,18 +324,30 @@ class Trainer:
             self.global_step, self.wall_time = state["global_step"], state["wall_time_s"]
             self.best_score = state.get("best_score")
             self.eval_history, self.eval_seconds = state.get("eval_history", []), state.get("eval_seconds", 0.0)
+            if self.stream is not None:
+                self._resume_stream(state.get("stream_positions"))
             logger.info("resumed from %s at step %d", self.resume, self.global_step)
         elif self.args.resume_from_checkpoint == "latest":
             logger.info("no checkpoint in %s yet; starting a fresh run", self.checkpoints_dir)
         self.micro_step = self.global_step * self.args.gradient_accumulation_steps
 
+    def _resume_stream(self, positions: list[dict[str, Any]] | None) -> None:
+        """--streaming: this process goes on from its own stream position, saved in the checkpoint."""
+        if positions is None or len(positions) != self.world:
+            saved = "no stream position" if positions is None else f"the stream positions of {len(positions)} processes"
+            raise TrainingError(
+                f"{self.resume} holds {saved}; a --streaming run resumes with --streaming and the same number of "
+                f"processes ({self.world} now)"
+            )
+        self.stream.load_state_dict(positions[distributed.rank(self.accelerator)])
+
     def _start_trackers(self) -> None:
         """Log the run's size and hardware; the main process starts the trackers with the hyper-parameters."""
         args, accelerator = self.args, self.accelerator
         logger.info(
-            "%d images, %s parameters; batch %d per process x %d process(es) x %d accumulation = global batch %d; "
+            "%s images, %s parameters; batch %d per process x %d process(es) x %d accumulation = global batch %d; "
             "%d optimizer steps; %s; %s",
-            len(self.data), f"{self.num_params:,}", args.train_batch_size, self.world,
+            "streamed" if self.stream else len(self.data), f"{self.num_params:,}", args.train_batch_size, self.world,
             args.gradient_accumulation_steps, self.global_batch, self.max_steps, speed.hardware(accelerator),
             self._levers(),
         )  # fmt: skip
@@ -399,6 +440,8 @@ class Trainer:
         state = {"global_step": self.global_step, "micro_step": self.micro_step, "wall_time_s": self.wall_time,
                  "best_score": self.best_score, "eval_history": self.eval_history,
                  "eval_seconds": self.eval_seconds}  # fmt: skip
+        if self.stream is not None:  # every process's own place in its stream
+            state["stream_positions"] = distributed.gather_objects([self.stream.state_dict()], self.accelerator)
         if self.hub and args.push_checkpoints:
             self.hub.wait()  # the push reads checkpoints/, which saving rotates
         checkpointing.save_checkpoint(
@@ -422,6 +465,8 @@ class Trainer:
 
     def _finish(self) -> dict[str, Any]:
         """The final export; then the earlier run (--overwrite_output_dir) is deleted and the run is pushed."""
+        if self.stream is not None:
+            self.stream.close()  # its workers' memory is free for sampling
         results = self._export(final_samples=True)
         if self.overwritten is not None:
             shutil.rmtree(self.overwritten)
@@ -437,10 +482,13 @@ class Trainer:
         rank = distributed.rank(self.accelerator)
         generator = distributed.seeded_generator(distributed.Stream.MICRO_BATCHES, args.seed, micro_step, rank)
         with record_function("data"):
-            rows = self.order.indices(micro_step, rank, args.train_batch_size)
-            x0 = self.data.get_batch(rows, generator, random_flip=args.random_flip)
+            if self.stream is not None:
+                x0 = self.stream.batch(micro_step, generator, random_flip=args.random_flip)
+            else:
+                rows = self.order.indices(micro_step, rank, args.train_batch_size)
+                x0 = self.data.get_batch(rows, generator, random_flip=args.random_flip)
         with record_function("noise"):
-            timesteps, weights = self.timestep_sampler.sample(len(rows), "cpu", generator)
+            timesteps, weights = self.timestep_sampler.sample(len(x0), "cpu", generator)
             noise = torch.randn(x0.shape, generator=generator)
         if self.accelerator.device.type == "cuda":  # from pinned memory a copy does not wait for queued steps
             return tuple(v.pin_memory() for v in (x0, timesteps, weights, noise))
@@ -598,7 +646,7 @@ class Trainer:
             "hardware": speed.hardware(accelerator),
             "speed_settings": self._levers(),
             "mixed_precision": accelerator.mixed_precision,
-            "num_train_images": len(self.data),
+            "num_train_images": None if self.stream else len(self.data),
             "dataset": args.train_data_dir or args.dataset_name or BUILTIN_DIGITS,
         }
         if distributed.is_main(accelerator):

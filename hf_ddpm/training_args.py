@@ -82,6 +82,17 @@ class TrainingArguments(DataArguments):
     random_flip: bool = field(default=False, metadata={"help": "random horizontal flips (augmentation)"})
     skip_bad_images: bool = field(default=False, metadata={"help": "log and skip unreadable images instead of failing"})
     max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N images"})
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "read --dataset_name / --train_data_dir shard by shard, decoding on the fly, no cache "
+                  "(needs --max_train_steps; hf_ddpm.streaming)"},
+    )  # fmt: skip
+    shuffle_buffer_size: int = field(
+        default=1000, metadata={"help": "--streaming: rows per shuffled window of the stream"}
+    )
+    dataloader_num_workers: int = field(
+        default=0, metadata={"help": "--streaming: DataLoader worker processes that decode images (0: in the loop)"}
+    )
     # Run
     output_dir: str = field(default="output", metadata={"help": "where the pipeline, samples, logs and checkpoints go"})
     overwrite_output_dir: bool = field(
@@ -98,6 +109,9 @@ class TrainingArguments(DataArguments):
     )
     mixed_precision: str | None = field(
         default=None, metadata={"help": "no, fp16 or bf16 (default: accelerate's config); weights stay fp32"}
+    )
+    ddp_timeout: int = field(
+        default=1800, metadata={"help": "seconds a process waits for the others in a collective before failing"}
     )
     # Optimisation
     learning_rate: float = field(default=2e-4, metadata={"help": "AdamW peak learning rate"})
@@ -208,10 +222,19 @@ class TrainingArguments(DataArguments):
             if getattr(self, name) not in valid:
                 shown = ", ".join(str(v) for v in valid if v is not None)
                 raise ConfigError(f"--{name} {getattr(self, name)!r} is not one of: {shown}")
-        positive = ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "logging_steps")
+        positive = ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "logging_steps",
+                    "shuffle_buffer_size", "ddp_timeout")  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.dataloader_num_workers < 0:
+            raise ConfigError(f"--dataloader_num_workers must be 0 or more, got {self.dataloader_num_workers}")
+        if self.streaming and self.max_train_steps is None:
+            raise ConfigError("--streaming needs --max_train_steps: a stream's length is not known in advance, so "
+                              "--num_epochs cannot say how long to train")  # fmt: skip
+        if self.streaming and self.eval_every:
+            raise ConfigError("--eval_every needs the cached dataset as its reference; drop it with --streaming "
+                              "and evaluate the export with scripts/evaluate.py")  # fmt: skip
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise ConfigError(f"--max_train_steps must be at least 1, got {self.max_train_steps}")
         if self.posthoc_ema_every < 0:

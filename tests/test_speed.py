@@ -38,7 +38,7 @@ def assert_close_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
         if key.endswith(NOISE_ONLY):
             assert (a[key] - b[key]).abs().max() <= 2 * 4 * 1e-3, key  # 4 Adam steps of at most lr each, per run
         else:
-            torch.testing.assert_close(a[key], b[key], **TOLERANCE, msg=lambda m: f"{key}: {m}")
+            torch.testing.assert_close(a[key], b[key], **TOLERANCE, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_channels_last_trains_the_eager_model_and_resumes_exactly(tmp_path):

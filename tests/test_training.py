@@ -301,6 +301,7 @@ def test_two_process_data_parallel_on_cpu_keeps_ranks_identical(tmp_path):
     assert results["world_size"] == 2, "accelerate started one process, not two"
     assert results["global_batch_size"] == 8
     assert "batch 4 per process x 2 process(es) x 1 accumulation = global batch 8" in result.stderr
+    assert "the decoded dataset cache is built once, by the main process (--cache_dir is shared)" in result.stderr
     rank0, rank1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     rows = [json.loads((out / f"rows{r}.json").read_text()) for r in (0, 1)]

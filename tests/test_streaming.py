@@ -158,8 +158,10 @@ def test_streaming_needs_max_train_steps_and_a_dataset(shards, tmp_path):
 
 
 def test_streaming_resume_sees_the_same_images_and_ends_bit_exact(shards, tmp_path, monkeypatch):
+    # --prefetch_batches is asked for and must be ignored: a stream read ahead would checkpoint a later position
     args = stream_args(shards, "--max_train_steps", "8", "--checkpointing_steps", "4", "--gradient_accumulation_steps",
-                       "2", "--random_flip", "--train_batch_size", "5", "--dataloader_num_workers", "1")  # fmt: skip
+                       "2", "--random_flip", "--train_batch_size", "5", "--dataloader_num_workers", "1",
+                       "--prefetch_batches", "2")  # fmt: skip
 
     def run(name: str, *extra: str) -> tuple[Path, list[list[str]]]:
         trainer = Trainer(parse_training_args([*args, "--output_dir", str(tmp_path / name), *extra]))

@@ -23,6 +23,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -143,6 +145,38 @@ def _check_output_dir(args: TrainingArguments, checkpoints_dir: Path) -> Path | 
     return None
 
 
+class _Preemption:
+    """SIGTERM or SIGINT (a preempted job, Ctrl-C) while training: noted, so that the loop checkpoints and stops
+    after the step; a second one acts as it would without this. Handlers are only set from the main thread."""
+
+    def __enter__(self) -> _Preemption:
+        self.received: str | None = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self._note) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+        self.__exit__()
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def agreed(self, accelerator: Accelerator, can_sync: bool) -> bool:
+        """Whether to stop now: on one process as soon as a signal came; on several, at steps where they all
+        check (`can_sync`, the logging steps), once any of them received one."""
+        if distributed.world_size(accelerator) == 1:
+            return self.received is not None
+        if not can_sync:
+            return False
+        if self.received is not None:
+            accelerator.set_trigger()
+        return accelerator.check_trigger()
+
+
 class Trainer:
     """One training run: `Trainer(args).train()`. Every process of an `accelerate launch` builds one."""
 
@@ -161,6 +195,8 @@ class Trainer:
         # accelerate's config may ask for fp16 where --mixed_precision did not, or run on the CPU of a GPU machine
         check_fp16_device(self.accelerator.mixed_precision, self.accelerator.device.type)
         self.resume = _check_output_dir(args, self.checkpoints_dir)
+        if distributed.is_main(self.accelerator):
+            checkpointing.check_writable(self.output_dir)
         # the main process pushes; it checks Hub access now, so a bad token fails in seconds, not after the run
         self.hub: BackgroundPusher | None = None
         if args.push_to_hub and distributed.is_main(self.accelerator):
@@ -237,7 +273,7 @@ class Trainer:
 
     def train(self) -> dict[str, Any]:
         """Run to `max_steps`, checkpointing on the way; then export. Returns training_summary.json's results."""
-        args, accelerator = self.args, self.accelerator
+        accelerator = self.accelerator
         # resume: weights, optimizer, RNG and timestep-sampler states and the bookkeeping come back from the
         # checkpoint, so the run goes on bit for bit as if it had never stopped
         self._resume()
@@ -248,6 +284,15 @@ class Trainer:
         self._started = time.perf_counter() - self.wall_time  # wall time counts the whole run, resumes included
         self._last_log = (self.global_step, time.perf_counter())
         self.model.train()
+        with _Preemption() as preemption:
+            self._loop(progress, preemption)
+        progress.close()
+        # export: the pipeline, samples and summary are complete before the earlier run is deleted and the last push
+        return self._finish()
+
+    def _loop(self, progress: tqdm, preemption: _Preemption) -> None:
+        """The steps from `global_step` to `max_steps`, with logging, previews, evaluations and checkpoints."""
+        args = self.args
         while self.global_step < self.max_steps:
             # the step: micro-batches accumulate gradients until accelerate syncs them; then the optimizer, the
             # learning rate and the EMA move once, so every schedule counts optimizer steps
@@ -264,14 +309,22 @@ class Trainer:
                 began = time.perf_counter()
                 self._evaluate(self.global_step, train_seconds=began - self._started - self.eval_seconds)
                 self.eval_seconds += time.perf_counter() - began
+            # preemption: SIGTERM or SIGINT ends the run after this step, with a checkpoint of it
+            stop = preemption.agreed(self.accelerator, self.global_step % args.logging_steps == 0)
+            stop = stop and self.global_step < self.max_steps
             # checkpoint + periodic push: a crash loses at most --checkpointing_steps, and the Hub follows the run
             # (a non-finite loss since the last logging step stops it first: a bad model is never saved as good)
-            if self.global_step % args.checkpointing_steps == 0 or self.global_step == self.max_steps:
+            on_schedule = self.global_step % args.checkpointing_steps == 0 or self.global_step == self.max_steps
+            if on_schedule or stop:
                 self._save_checkpoint()
+            if on_schedule:
                 self._push_progress()
-        progress.close()
-        # export: the pipeline, samples and summary are complete before the earlier run is deleted and the last push
-        return self._finish()
+            if stop:
+                self.accelerator.end_training()
+                raise TrainingError(
+                    f"stopped by {preemption.received} after step {self.global_step} of {self.max_steps} with "
+                    f"checkpoint-{self.global_step} saved; continue with --resume_from_checkpoint latest"
+                )
 
     def _resume(self) -> None:
         """Restore the checkpoint that --resume_from_checkpoint names, if any, and the run's bookkeeping."""
@@ -572,10 +625,11 @@ class Trainer:
         }
         if distributed.is_main(accelerator):
             checkpointing.export_pipeline(pipe, self.output_dir)
-            if final_samples:
-                sampling.save_images(images, self.output_dir / SAMPLES_FILE)
-            write_json(self.output_dir / SUMMARY_FILE, {"config": args.to_dict(), "results": results})
-            write_model_card(self.output_dir, repo_id=args.hub_model_id)
+            with checkpointing.disk_full_stops("the samples, summary and model card", self.output_dir, []):
+                if final_samples:
+                    sampling.save_images(images, self.output_dir / SAMPLES_FILE)
+                write_json(self.output_dir / SUMMARY_FILE, {"config": args.to_dict(), "results": results})
+                write_model_card(self.output_dir, repo_id=args.hub_model_id)
         accelerator.wait_for_everyone()
         return results
 

@@ -284,9 +284,8 @@ class Trainer:
         self._started = time.perf_counter() - self.wall_time  # wall time counts the whole run, resumes included
         self._last_log = (self.global_step, time.perf_counter())
         self.model.train()
-        with _Preemption() as preemption:
+        with _Preemption() as preemption, progress:
             self._loop(progress, preemption)
-        progress.close()
         # export: the pipeline, samples and summary are complete before the earlier run is deleted and the last push
         return self._finish()
 

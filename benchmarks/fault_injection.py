@@ -261,7 +261,8 @@ def kill_and_resume(out: Path, ref: Reference, kill_at: Sequence[str], max_resta
             stderr = log.with_suffix(".stderr").read_text().strip().splitlines()
             return Outcome(kills, [f"run {attempt} failed ({status}): {stderr[-1] if stderr else ''}"], attempt)
         kills.append(events[-1].removeprefix("KILLED at "))
-        exported = exported or any(e.startswith("rename") and e.endswith(" model_index.json") for e in events)
+        done = events[:-2]  # the last event is the kill point: a rename or delete there did not happen
+        exported = exported or any(e.startswith("rename") and e.endswith(" model_index.json") for e in done)
         problems = check_after_kill(out, ref, exported)
         if problems:
             return Outcome(kills, problems, attempt)

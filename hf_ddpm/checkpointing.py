@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+from diffusers import ModelMixin
 
 from hf_ddpm.atomic import write_json
 from hf_ddpm.errors import CheckpointError, DiskFullError, TrainingError
@@ -179,10 +180,30 @@ def disk_full_stops(what: str, folder: Path, like: list[Path], partial: Path | N
         ) from err
 
 
-def load_checkpoint(accelerator: Accelerator, checkpoint: str | Path) -> dict[str, Any]:
-    """Restore everything `save_checkpoint` saved; returns its `state` dict."""
+def model_config(model: ModelMixin) -> dict[str, Any]:
+    """The architecture of `model` as JSON values: what a checkpoint records so that resuming can check it."""
+    return json.loads(json.dumps({k: v for k, v in model.config.items() if not k.startswith("_")}))
+
+
+def load_checkpoint(
+    accelerator: Accelerator, checkpoint: str | Path, expected_model: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Restore everything `save_checkpoint` saved; returns its `state` dict.
+
+    A checkpoint whose `state["model_config"]` differs from `expected_model` (another preset, resolution or
+    override) is refused with the fields that differ, before anything is loaded.
+    """
+    state = json.loads((Path(checkpoint) / STATE_FILE).read_text())
+    saved = state.get("model_config")
+    if expected_model is not None and saved is not None and saved != expected_model:
+        differs = sorted(k for k in saved.keys() | expected_model.keys() if saved.get(k) != expected_model.get(k))
+        shown = ", ".join(f"{k} {saved.get(k)} there, {expected_model.get(k)} here" for k in differs)
+        raise CheckpointError(
+            f"{checkpoint} is of another UNet than this run ({shown}); resume with the --preset, --resolution and "
+            "--unet_overrides it was trained with, or start a new --output_dir"
+        )
     accelerator.load_state(str(checkpoint))
-    return json.loads((Path(checkpoint) / STATE_FILE).read_text())
+    return state
 
 
 def export_pipeline(pipeline: DDPMPipeline, output_dir: str | Path) -> None:

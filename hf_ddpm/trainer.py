@@ -328,7 +328,7 @@ class Trainer:
     def _resume(self) -> None:
         """Restore the checkpoint that --resume_from_checkpoint names, if any, and the run's bookkeeping."""
         if self.resume is not None:
-            state = checkpointing.load_checkpoint(self.accelerator, self.resume)
+            state = checkpointing.load_checkpoint(self.accelerator, self.resume, checkpointing.model_config(self.unet))
             self.global_step, self.wall_time = state["global_step"], state["wall_time_s"]
             self.best_score = state.get("best_score")
             self.eval_history, self.eval_seconds = state.get("eval_history", []), state.get("eval_seconds", 0.0)
@@ -429,7 +429,7 @@ class Trainer:
         self.wall_time = time.perf_counter() - self._started
         state = {"global_step": self.global_step, "micro_step": self.micro_step, "wall_time_s": self.wall_time,
                  "best_score": self.best_score, "eval_history": self.eval_history,
-                 "eval_seconds": self.eval_seconds}  # fmt: skip
+                 "eval_seconds": self.eval_seconds, "model_config": checkpointing.model_config(self.unet)}  # fmt: skip
         if self.hub and args.push_checkpoints:
             self.hub.wait()  # the push reads checkpoints/, which saving rotates
         checkpointing.save_checkpoint(

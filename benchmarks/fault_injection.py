@@ -292,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lost += bool(outcome.problems)
         verdict = "resumed exactly" if not outcome.problems else "LOST: " + "; ".join(outcome.problems)
         print(f"{i + 1:2d}. killed at {' | then '.join(outcome.kills)} -> {verdict}", flush=True)
-    print(f"{args.kill_points} kill points ({killed} kills in all), {exact} resumed exactly, {lost} lost")
+    print(f"{args.kill_points} kill points, {exact} resumed exactly, {lost} lost ({killed} kills in all)")
     if args.work_dir is None:
         shutil.rmtree(work)
     return 1 if lost else 0

@@ -20,21 +20,24 @@ benchmarks/train_throughput.py uses to say where the time goes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.tracking import GeneralTracker
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -60,6 +63,8 @@ SAMPLES_FILE = "samples.png"
 BEST_DIR = "best"
 # the record_function labels of a step's phases, in order
 STEP_PHASES = ("data", "noise", "forward_backward", "optimizer", "ema", "logging")
+# what torch's process groups put in the errors of a collective that lost a peer
+_COLLECTIVES = ("gloo", "NCCL", "ProcessGroup", "Connection reset by peer", "Connection closed by peer")
 LOSS_SMOOTHING = 0.98  # per optimizer step, for the progress bar and training_summary.json's final_loss
 
 # How each tracker takes a batch of uint8 images (N, C, H, W): tensorboard as one grid, wandb as a gallery of
@@ -177,6 +182,25 @@ class _Preemption:
         return accelerator.check_trigger()
 
 
+@contextlib.contextmanager
+def _lost_processes_stop(trainer: Trainer) -> Iterator[None]:
+    """A collective that fails because another process died or hung (past --ddp_timeout) stops this process
+    with one line; what a checkpoint being written then held is never marked complete."""
+    try:
+        yield
+    except RuntimeError as err:
+        message = str(err)
+        if trainer.world == 1 or not (isinstance(err, dist.DistError) or any(s in message for s in _COLLECTIVES)):
+            raise
+        last = checkpointing.list_checkpoints(trainer.checkpoints_dir)
+        raise TrainingError(
+            f"process {distributed.rank(trainer.accelerator)} of {trainer.world} lost the others during step "
+            f"{trainer.global_step + 1}: another process died or did not answer within --ddp_timeout "
+            f"{trainer.args.ddp_timeout} s (its own log says why) [{message.splitlines()[0][:300]}]; resume from "
+            f"{last[-1].name if last else 'the start'} with --resume_from_checkpoint latest"
+        ) from err
+
+
 class Trainer:
     """One training run: `Trainer(args).train()`. Every process of an `accelerate launch` builds one."""
 
@@ -191,6 +215,8 @@ class Trainer:
             project_config=ProjectConfiguration(
                 project_dir=str(self.output_dir), logging_dir=str(self.output_dir / args.logging_dir)
             ),
+            # a collective waits at most this long for a hung process (one that died fails it at once)
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
         )
         # accelerate's config may ask for fp16 where --mixed_precision did not, or run on the CPU of a GPU machine
         check_fp16_device(self.accelerator.mixed_precision, self.accelerator.device.type)
@@ -284,7 +310,7 @@ class Trainer:
         self._started = time.perf_counter() - self.wall_time  # wall time counts the whole run, resumes included
         self._last_log = (self.global_step, time.perf_counter())
         self.model.train()
-        with _Preemption() as preemption, progress:
+        with _Preemption() as preemption, progress, _lost_processes_stop(self):
             self._loop(progress, preemption)
         # export: the pipeline, samples and summary are complete before the earlier run is deleted and the last push
         return self._finish()

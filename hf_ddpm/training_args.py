@@ -166,6 +166,10 @@ class TrainingArguments(DataArguments):
     checkpointing_steps: int = field(default=500, metadata={"help": "save a resumable checkpoint every N steps"})
     checkpoints_total_limit: int | None = field(default=3, metadata={"help": "keep at most N checkpoints"})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder"})
+    ddp_timeout: int = field(
+        default=1800,
+        metadata={"help": "seconds a process waits for the others (a dead or hung one) before the run stops"},
+    )
     # Hub
     push_to_hub: bool = field(default=False, metadata={"help": "push the exported pipeline at the end"})
     hub_model_id: str | None = field(default=None, metadata={"help": "org/name of the Hub repo"})
@@ -224,7 +228,7 @@ class TrainingArguments(DataArguments):
 _RANGES: dict[tuple[str, ...], tuple[str, Callable[[float], bool]]] = {
     ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "logging_steps", "max_train_steps",
      "num_epochs", "max_train_samples", "resolution", "num_train_timesteps", "num_preview_images", "preview_steps",
-     "num_final_images", "final_steps", "eval_num_samples", "checkpoints_total_limit"): (
+     "num_final_images", "final_steps", "eval_num_samples", "checkpoints_total_limit", "ddp_timeout"): (
         "at least 1", lambda v: v >= 1
     ),
     ("lr_warmup_steps", "sample_every", "eval_every", "hub_push_every", "adam_weight_decay", "adam_epsilon",

@@ -12,7 +12,11 @@ import builtins
 import errno
 import importlib.util
 import os
+import re
+import shutil
 import signal
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +24,7 @@ import accelerate.utils.other
 import pytest
 import safetensors.torch
 import torch
-from conftest import REPO_ROOT
+from conftest import PYTHON, REPO_ROOT
 from diffusers import DDPMPipeline
 
 from hf_ddpm import checkpointing
@@ -66,13 +70,16 @@ def test_killed_inside_checkpoint_rotation_export_and_card_it_resumes_bit_exactl
 
 
 def test_a_half_written_checkpoint_or_a_broken_export_is_caught_by_the_checks(straight, tmp_path):
-    out = tmp_path / "out"
-    assert faults.run_child(out, tmp_path / "a.events", "half-saved checkpoints/.tmp-checkpoint-4/model.s") == -9
-    assert faults.check_after_kill(out, straight, exported_before=False) == []
-    # what the harness would report if hf_ddpm renamed the folder before its files were complete
-    os.replace(out / "checkpoints" / ".tmp-checkpoint-4", out / "checkpoints" / "checkpoint-4")
-    (out / "checkpoints" / "checkpoint-4" / checkpointing.STATE_FILE).write_text("{}")
-    assert "checkpoint-4 is listed but has" in faults.check_after_kill(out, straight, exported_before=False)[0]
+    out = Path(shutil.copytree(straight.folder, tmp_path / "out"))
+    assert faults.check_after_kill(out, straight, exported_before=True) == []
+    last = checkpointing.list_checkpoints(out / "checkpoints")[-1]
+    (last / "optimizer.bin").unlink()  # what renaming a folder before its files were complete would leave
+    assert f"{last.name} is listed but has ['optimizer.bin']" in faults.check_after_kill(out, straight, False)[0]
+    shutil.copy(straight.folder / "checkpoints" / last.name / "optimizer.bin", last)
+    model = last / faults.MODEL
+    model.write_bytes(model.read_bytes()[:1000])  # a half-written file under a complete-looking name
+    assert f"{last.name} does not load" in faults.check_after_kill(out, straight, False)[0]
+    (out / "model_index.json").unlink()
     assert "pipeline does not load" in faults.check_after_kill(out, straight, exported_before=True)[-1]
 
 
@@ -213,3 +220,48 @@ def test_unwritable_output_dir_fails_before_the_first_step(tmp_path, monkeypatch
         with pytest.raises(TrainingError, match=r"read_only cannot be written \(PermissionError"):
             Trainer(parse_training_args([*FAST, "--output_dir", str(read_only)]))
     assert stepped == []
+
+
+def _two_ranks(tmp_path: Path, rank1_fault: str, *extra: str) -> tuple[int, list[str], Path]:
+    """scripts/train.py as two gloo processes started by hand (no launcher that would kill the survivor), rank 1
+    with the harness' `rank1_fault`; returns rank 0's exit status and stderr lines, and the output folder."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    train_args = [*faults.TRAIN_ARGS, "--train_batch_size", "4", "--output_dir", str(out), *extra]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "ACCELERATE_USE_CPU": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "WORLD_SIZE": "2"}  # fmt: skip
+    ranks = {}
+    for rank, fault in ((1, rank1_fault), (0, "none")):
+        command = [PYTHON, str(REPO_ROOT / "benchmarks" / "fault_injection.py"), "--child",
+                   str(tmp_path / f"rank{rank}.events"), fault, str(out), "--", *train_args]  # fmt: skip
+        stderr = open(tmp_path / f"rank{rank}.stderr", "w")  # noqa: SIM115 - closed with the process
+        ranks[rank] = subprocess.Popen(command, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                                       stdout=subprocess.DEVNULL, stderr=stderr)  # fmt: skip
+    try:
+        status = ranks[0].wait(timeout=300)  # a hang fails here
+    finally:
+        for process in ranks.values():
+            process.kill()
+            process.wait()
+    return status, (tmp_path / "rank0.stderr").read_text().strip().splitlines(), out
+
+
+@pytest.mark.parametrize(
+    ("fault", "expected"),
+    [
+        ("half-saved checkpoints/.tmp-checkpoint-4/random_states_1.pkl", "Connection (reset|closed) by peer"),
+        ("SIGSTOP@after step 3", "within --ddp_timeout 10 s .*Timed out waiting 10000ms"),
+    ],
+    ids=["killed-while-checkpointing", "hung"],
+)
+def test_with_a_rank_killed_or_hung_the_survivor_stops_with_one_line_and_no_checkpoint_is_marked_complete(
+    tmp_path, fault, expected
+):
+    status, stderr, out = _two_ranks(tmp_path, fault, "--ddp_timeout", "10")
+    assert status == 1
+    assert re.match(rf"error: process 0 of 2 lost the others during step \d: .*{expected}", stderr[-1]), stderr[-5:]
+    assert not any("Traceback" in line for line in stderr)
+    assert "1 process(es)" not in (tmp_path / "rank0.stderr").read_text()  # two ranks really ran
+    assert [p.name for p in checkpointing.list_checkpoints(out / "checkpoints")] == ["checkpoint-2"]

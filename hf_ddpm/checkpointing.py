@@ -158,23 +158,29 @@ def _size(path: Path) -> int:
 
 @contextlib.contextmanager
 def disk_full_stops(what: str, folder: Path, like: list[Path], partial: Path | None = None) -> Iterator[None]:
-    """On a full disk (ENOSPC, EDQUOT) in the block, remove its `partial` output and raise a DiskFullError saying
-    how much space writing `what` to `folder` needs, estimated from the size of `like` (the last one written)."""
+    """On a full disk in the block, remove its `partial` output and raise a DiskFullError saying how much space
+    writing `what` to `folder` needs, estimated from the size of `like` (the last one written).
+
+    A full disk is an ENOSPC or EDQUOT error, or any write error (torch.save raises a RuntimeError) while less is
+    free than that estimate (or than 1 MiB without one).
+    """
     try:
         yield
-    except OSError as err:
-        if err.errno not in _NO_SPACE:
-            raise
+    except (OSError, RuntimeError) as err:
+        needed = sum(map(_size, like))
         written = _size(partial) if partial is not None and partial.exists() else 0
+        if getattr(err, "errno", None) not in _NO_SPACE and shutil.disk_usage(folder).free >= max(needed, 2**20):
+            raise
         if partial is not None:
             shutil.rmtree(partial, ignore_errors=True)
         if like:
-            needed = f"about {sum(map(_size, like)) / 2**20:,.1f} MiB (the size of the last one)"
+            estimate = f"about {needed / 2**20:,.1f} MiB (the size of the last one)"
         else:
-            needed = f"more than the {written / 2**20:,.1f} MiB written before it stopped" if written else "more"
+            estimate = f"more than the {written / 2**20:,.1f} MiB written before it stopped" if written else "more"
         free = shutil.disk_usage(folder).free
+        reason = getattr(err, "strerror", None) or os.strerror(errno.ENOSPC)
         raise DiskFullError(
-            f"no space left on the device while writing {what} to {folder} ({err.strerror}): it needs {needed}, "
+            f"no space left on the device while writing {what} to {folder} ({reason}): it needs {estimate}, "
             f"{free / 2**20:,.1f} MiB are free; the previous checkpoint and export are intact. Free some space (or "
             "lower --checkpoints_total_limit) and resume with --resume_from_checkpoint latest"
         ) from err

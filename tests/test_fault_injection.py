@@ -265,3 +265,28 @@ def test_with_a_rank_killed_or_hung_the_survivor_stops_with_one_line_and_no_chec
     assert not any("Traceback" in line for line in stderr)
     assert "1 process(es)" not in (tmp_path / "rank0.stderr").read_text()  # two ranks really ran
     assert [p.name for p in checkpointing.list_checkpoints(out / "checkpoints")] == ["checkpoint-2"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs: room for one tiny-8 checkpoint (2.9 MiB), not two. Needs root and mount(8)."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    yield folder
+    subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+def test_a_really_full_disk_keeps_the_previous_checkpoint_and_says_how_much_is_needed(small_disk, capsys):
+    out = small_disk / "o"
+    args = parse_training_args([*FAST, "--output_dir", str(out)])
+    assert run_cli(lambda: Trainer(args).train()) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    expected = (r"error: no space left on the device while writing checkpoint-4 to .* \(No space left on device\): "
+                r"it needs about 2\.\d MiB \(the size of the last one\), [01]\.\d MiB are free")  # fmt: skip
+    assert re.match(expected, err), err
+    assert [p.name for p in checkpointing.list_checkpoints(out / "checkpoints")] == ["checkpoint-2"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2"]  # the partial one is gone
+    safetensors.torch.load_file(out / "checkpoints" / "checkpoint-2" / faults.MODEL)

@@ -221,12 +221,12 @@ class Trainer:
         # accelerate's config may ask for fp16 where --mixed_precision did not, or run on the CPU of a GPU machine
         check_fp16_device(self.accelerator.mixed_precision, self.accelerator.device.type)
         self.resume = _check_output_dir(args, self.checkpoints_dir)
-        if distributed.is_main(self.accelerator):
-            checkpointing.check_writable(self.output_dir)
         # the main process pushes; it checks Hub access now, so a bad token fails in seconds, not after the run
         self.hub: BackgroundPusher | None = None
         if args.push_to_hub and distributed.is_main(self.accelerator):
             self.hub = BackgroundPusher(args.output_dir, args.hub_model_id, **push_options(args))
+        if distributed.is_main(self.accelerator):  # a folder that cannot be written fails now, not at a checkpoint
+            checkpointing.check_writable(self.output_dir)
         self.overwritten = None  # the earlier run, set aside by the main process; deleted once this one exported
         if args.overwrite_output_dir and distributed.is_main(self.accelerator):
             self.overwritten = checkpointing.set_aside(self.output_dir)

@@ -1,4 +1,8 @@
-"""Files that readers never see half-written: trainer_state.json, training_summary.json, eval_results.json."""
+"""Files that readers never see half-written: trainer_state.json, training_summary.json, eval_results.json, README.md.
+
+A process killed at any moment (SIGKILL, OOM, preemption) leaves either the old file or the new one, never a
+truncated one; tests/test_fault_injection.py kills runs inside these writes to check it.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,17 @@ from pathlib import Path
 from typing import Any
 
 
-def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    """Write JSON through a temporary file, fsync and a rename, so readers never see half a file."""
+def write_text(path: str | Path, text: str) -> None:
+    """Write `text` (UTF-8, newlines as given) through a temporary file, fsync and a rename."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically (see `write_text`), indented with sorted keys."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -32,6 +32,10 @@ class TrainingError(UserError, RuntimeError):
     """Training cannot start or go on."""
 
 
+class DiskFullError(UserError, OSError):
+    """The disk filled up (or a quota was hit) while writing a checkpoint or an export; says how much is needed."""
+
+
 class MissingWeightsError(UserError, FileNotFoundError):
     """Weights a model or metric needs are not on disk and cannot be downloaded."""
 

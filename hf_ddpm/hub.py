@@ -6,9 +6,12 @@
     >>> pipe = load_pipeline("me/ddpm-digits")       # or a local folder; revision= a branch, tag or commit
 
 Pushing uses huggingface_hub (`create_repo`, `create_branch`, `create_commit`): unchanged files are skipped and
-LFS objects already on the Hub are not sent again, so re-running a failed push completes it. Transient failures
-(5xx, connection errors, timeouts) are retried with exponential backoff; 4xx answers are not. The output folder is
-only read: the model card is rendered in memory for the repo. `checkpoints/` and `logs/` stay local unless asked.
+LFS objects already on the Hub are not sent again, so re-running a failed push completes it (also one whose
+commit went through but whose answer was lost). huggingface_hub's `http_backoff` retries the LFS uploads and
+pre-upload checks; each step of a push is retried here too, as a whole: transient failures (5xx, 408, connection
+errors, timeouts) with exponential backoff, a 429 after the wait its Retry-After (or ratelimit) header asks for;
+other 4xx answers are not retried. The output folder is only read: the model card is rendered in memory for the
+repo. `checkpoints/` and `logs/` stay local unless asked.
 
 The token comes from the argument, else `HF_TOKEN`, else `hf auth login`'s cache; it never appears in a log
 line, an error message or an uploaded file (a push that would upload it is refused). Failures are raised as
@@ -44,7 +47,13 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects, httpx, validate_repo_id
+from huggingface_hub.utils import (
+    DEFAULT_IGNORE_PATTERNS,
+    filter_repo_objects,
+    httpx,
+    parse_ratelimit_headers,
+    validate_repo_id,
+)
 
 from hf_ddpm.cli import one_line
 from hf_ddpm.errors import ConfigError, HubError, UserError
@@ -59,6 +68,8 @@ TOKEN_HINT = "pass --hub_token, set HF_TOKEN or run `hf auth login`"
 RETRY_WAIT_S = 1.0  # first backoff delay; doubles after each failed attempt
 MAX_RETRIES = 5  # retries of each step of a push
 _MAX_WAIT_S = 30.0
+MAX_RATE_LIMIT_WAIT_S = 300.0  # the longest Retry-After honoured
+_RETRIED_4XX = (408, 429)  # a request timeout and "too many requests", as huggingface_hub's http_backoff
 _TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{20,}")
 _T = TypeVar("_T")
 _WHOAMI = "asking the Hub whose token this is"
@@ -337,7 +348,8 @@ def _with_retries(call: Callable[[], _T], step: str, max_retries: int, token: st
         except Exception as err:
             if attempt == max_retries or not _is_transient(err):
                 raise
-            wait = min(RETRY_WAIT_S * 2**attempt, _MAX_WAIT_S)
+            asked = _retry_after(err)
+            wait = min(RETRY_WAIT_S * 2**attempt, _MAX_WAIT_S) if asked is None else min(asked, MAX_RATE_LIMIT_WAIT_S)
             attempt += 1
             logger.warning(
                 "%s failed (%s); retry %d/%d in %.0f s", step, redact(one_line(err), token), attempt, max_retries, wait
@@ -364,14 +376,26 @@ def _http_status(err: BaseException) -> int | None:
 
 
 def _is_transient(err: BaseException) -> bool:
-    """5xx answers, connection errors and timeouts; never a 4xx answer."""
+    """5xx, 408 and 429 answers, connection errors and timeouts; no other 4xx answer."""
     for cause in _causes(err):
         if isinstance(cause, HfHubHTTPError) and cause.response is not None:
-            return cause.response.status_code >= 500
+            return cause.response.status_code >= 500 or cause.response.status_code in _RETRIED_4XX
         if isinstance(cause, httpx.TransportError):
             return True
     return False
 
+
+def _retry_after(err: BaseException) -> float | None:
+    """The seconds a 429 answer in the chain of `err` asks to wait (ratelimit or Retry-After header), if any."""
+    for cause in _causes(err):
+        if isinstance(cause, HfHubHTTPError) and cause.response is not None and cause.response.status_code == 429:
+            headers = cause.response.headers
+            limit = parse_ratelimit_headers(headers)
+            if limit is not None and limit.remaining == 0:
+                return float(limit.reset_in_seconds)
+            value = headers.get("Retry-After", "").strip()
+            return float(value) if value.isdigit() else None  # the HTTP-date form is not used by the Hub
+    return None
 
 
 def _push_error_message(err: BaseException, repo_id: str, token: str | None) -> str:

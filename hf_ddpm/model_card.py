@@ -33,6 +33,8 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from hf_ddpm.atomic import write_text
+
 logger = logging.getLogger(__name__)
 
 TEMPLATE_NAME = "ddpm.md.jinja"
@@ -146,10 +148,11 @@ def write_model_card(
     if not overwrite and path.is_file() and card_was_edited(path.read_text(encoding="utf-8")):
         logger.warning(
             "kept %s: it was edited by hand, so it does not show the folder's current training_summary.json and "
-            "eval_results.json; delete it to have it regenerated", path
+            "eval_results.json; delete it to have it regenerated",
+            path,
         )
         return path
-    render_model_card(output_dir, repo_id=repo_id, base_model=base_model).save(path)
+    write_text(path, str(render_model_card(output_dir, repo_id=repo_id, base_model=base_model)))  # never half a card
     return path
 
 

@@ -225,7 +225,7 @@ def unet_config(spec: str | dict[str, Any], **overrides: Any) -> dict[str, Any]:
     elif spec in _PRESETS:
         config = dict(_PRESETS[spec].unet)
     elif Path(spec).exists():
-        config = json.loads(_config_file(Path(spec)).read_text())
+        config = _read_unet_config(_config_file(Path(spec)))
     else:
         get_preset(spec)  # raises with the list of valid names
     config = {k: v for k, v in config.items() if not k.startswith("_")}
@@ -234,7 +234,34 @@ def unet_config(spec: str | dict[str, Any], **overrides: Any) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"unknown UNet2DModel field(s) {unknown}; valid fields: {', '.join(sorted(valid))}")
     config.update(overrides)
+    _check_divisible(config)
     return config
+
+
+def _read_unet_config(path: Path) -> dict[str, Any]:
+    """A config.json, refused unless it is a JSON object for a UNet2DModel (or names no class)."""
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as err:
+        raise ConfigError(f"{path} is not valid JSON ({err}); give a UNet2DModel config.json") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} is not a JSON object of UNet2DModel fields")
+    kind = config.get("_class_name", UNet2DModel.__name__)
+    if kind != UNet2DModel.__name__:
+        raise ConfigError(f"{path} is the config of a {kind}, not of a UNet2DModel; give a UNet2DModel config.json")
+    return config
+
+
+def _check_divisible(config: dict[str, Any]) -> None:
+    """The image size must survive the UNet's halvings (every down block but the last) and come back whole."""
+    factor = 2 ** (len(config.get("down_block_types", ())) - 1)
+    size = config.get("sample_size")
+    sizes = size if isinstance(size, (list, tuple)) else [size]
+    if factor > 1 and any(isinstance(s, int) and s % factor for s in sizes):
+        raise ConfigError(
+            f"the image size {size} (--resolution / sample_size) is not divisible by {factor}: the UNet halves it "
+            f"{factor.bit_length() - 1} time(s); use a multiple of {factor}"
+        )
 
 
 def build_unet(spec: str | dict[str, Any], allow_pickle: bool = False, **overrides: Any) -> UNet2DModel:
@@ -248,6 +275,7 @@ def build_unet(spec: str | dict[str, Any], allow_pickle: bool = False, **overrid
     if not (isinstance(spec, str) and spec not in _PRESETS and Path(spec).is_dir()):
         return UNet2DModel(**unet_config(spec, **overrides))
     folder = Path(spec) / "unet" if (Path(spec) / "unet").is_dir() else Path(spec)
+    _check_divisible({**_read_unet_config(_config_file(folder)), **overrides})
     if not allow_pickle:
         refuse_pickle_only(folder)
     safetensors = any(folder.glob("*.safetensors"))

@@ -21,17 +21,21 @@ benchmarks/train_throughput.py uses to say where the time goes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import datasets
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.tracking import GeneralTracker
@@ -62,6 +66,8 @@ SAMPLES_FILE = "samples.png"
 BEST_DIR = "best"
 # the record_function labels of a step's phases, in order
 STEP_PHASES = ("data", "noise", "forward_backward", "optimizer", "ema", "logging")
+# what torch's process groups put in the errors of a collective that lost a peer
+_COLLECTIVES = ("gloo", "NCCL", "ProcessGroup", "Connection reset by peer", "Connection closed by peer")
 LOSS_SMOOTHING = 0.98  # per optimizer step, for the progress bar and training_summary.json's final_loss
 
 # How each tracker takes a batch of uint8 images (N, C, H, W): tensorboard as one grid, wandb as a gallery of
@@ -147,6 +153,57 @@ def _check_output_dir(args: TrainingArguments, checkpoints_dir: Path) -> Path | 
     return None
 
 
+class _Preemption:
+    """SIGTERM or SIGINT (a preempted job, Ctrl-C) while training: noted, so that the loop checkpoints and stops
+    after the step; a second one acts as it would without this. Handlers are only set from the main thread."""
+
+    def __enter__(self) -> _Preemption:
+        self.received: str | None = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self._note) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+        self.__exit__()
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def agreed(self, accelerator: Accelerator, can_sync: bool) -> bool:
+        """Whether to stop now: on one process as soon as a signal came; on several, at steps where they all
+        check (`can_sync`, the logging steps), once any of them received one."""
+        if distributed.world_size(accelerator) == 1:
+            return self.received is not None
+        if not can_sync:
+            return False
+        if self.received is not None:
+            accelerator.set_trigger()
+        return accelerator.check_trigger()
+
+
+@contextlib.contextmanager
+def _lost_processes_stop(trainer: Trainer) -> Iterator[None]:
+    """A collective that fails because another process died or hung (past --ddp_timeout) stops this process
+    with one line; what a checkpoint being written then held is never marked complete."""
+    try:
+        yield
+    except RuntimeError as err:
+        message = str(err)
+        if trainer.world == 1 or not (isinstance(err, dist.DistError) or any(s in message for s in _COLLECTIVES)):
+            raise
+        last = checkpointing.list_checkpoints(trainer.checkpoints_dir)
+        raise TrainingError(
+            f"process {distributed.rank(trainer.accelerator)} of {trainer.world} lost the others during step "
+            f"{trainer.global_step + 1}: another process died or did not answer within --ddp_timeout "
+            f"{trainer.args.ddp_timeout} s (its own log says why) [{message.splitlines()[0][:300]}]; resume from "
+            f"{last[-1].name if last else 'the start'} with --resume_from_checkpoint latest"
+        ) from err
+
+
 class Trainer:
     """One training run: `Trainer(args).train()`. Every process of an `accelerate launch` builds one."""
 
@@ -161,6 +218,7 @@ class Trainer:
             project_config=ProjectConfiguration(
                 project_dir=str(self.output_dir), logging_dir=str(self.output_dir / args.logging_dir)
             ),
+            # a collective waits at most this long for a hung process (one that died fails it at once)
             kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
         )
         # accelerate's config may ask for fp16 where --mixed_precision did not, or run on the CPU of a GPU machine
@@ -170,6 +228,8 @@ class Trainer:
         self.hub: BackgroundPusher | None = None
         if args.push_to_hub and distributed.is_main(self.accelerator):
             self.hub = BackgroundPusher(args.output_dir, args.hub_model_id, **push_options(args))
+        if distributed.is_main(self.accelerator):  # a folder that cannot be written fails now, not at a checkpoint
+            checkpointing.check_writable(self.output_dir)
         self.overwritten = None  # the earlier run, set aside by the main process; deleted once this one exported
         if args.overwrite_output_dir and distributed.is_main(self.accelerator):
             self.overwritten = checkpointing.set_aside(self.output_dir)
@@ -276,7 +336,7 @@ class Trainer:
 
     def train(self) -> dict[str, Any]:
         """Run to `max_steps`, checkpointing on the way; then export. Returns training_summary.json's results."""
-        args, accelerator = self.args, self.accelerator
+        accelerator = self.accelerator
         # resume: weights, optimizer, RNG and timestep-sampler states and the bookkeeping come back from the
         # checkpoint, so the run goes on bit for bit as if it had never stopped
         self._resume()
@@ -287,6 +347,15 @@ class Trainer:
         self._started = time.perf_counter() - self.wall_time  # wall time counts the whole run, resumes included
         self._last_log = (self.global_step, time.perf_counter())
         self.model.train()
+        with _Preemption() as preemption, progress, _lost_processes_stop(self):
+            self._loop(progress, preemption)
+        self.batches.close()
+        # export: the pipeline, samples and summary are complete before the earlier run is deleted and the last push
+        return self._finish()
+
+    def _loop(self, progress: tqdm, preemption: _Preemption) -> None:
+        """The steps from `global_step` to `max_steps`, with logging, previews, evaluations and checkpoints."""
+        args = self.args
         while self.global_step < self.max_steps:
             # the step: micro-batches accumulate gradients until accelerate syncs them; then the optimizer, the
             # learning rate and the EMA move once, so every schedule counts optimizer steps
@@ -307,20 +376,27 @@ class Trainer:
             every = args.posthoc_ema_every
             if every and (self.global_step % every == 0 or self.global_step == self.max_steps):
                 self._save_posthoc_snapshot()
+            # preemption: SIGTERM or SIGINT ends the run after this step, with a checkpoint of it
+            stop = preemption.agreed(self.accelerator, self.global_step % args.logging_steps == 0)
+            stop = stop and self.global_step < self.max_steps
             # checkpoint + periodic push: a crash loses at most --checkpointing_steps, and the Hub follows the run
             # (a non-finite loss since the last logging step stops it first: a bad model is never saved as good)
-            if self.global_step % args.checkpointing_steps == 0 or self.global_step == self.max_steps:
+            on_schedule = self.global_step % args.checkpointing_steps == 0 or self.global_step == self.max_steps
+            if on_schedule or stop:
                 self._save_checkpoint()
+            if on_schedule:
                 self._push_progress()
-        progress.close()
-        self.batches.close()
-        # export: the pipeline, samples and summary are complete before the earlier run is deleted and the last push
-        return self._finish()
+            if stop:
+                self.accelerator.end_training()
+                raise TrainingError(
+                    f"stopped by {preemption.received} after step {self.global_step} of {self.max_steps} with "
+                    f"checkpoint-{self.global_step} saved; continue with --resume_from_checkpoint latest"
+                )
 
     def _resume(self) -> None:
         """Restore the checkpoint that --resume_from_checkpoint names, if any, and the run's bookkeeping."""
         if self.resume is not None:
-            state = checkpointing.load_checkpoint(self.accelerator, self.resume)
+            state = checkpointing.load_checkpoint(self.accelerator, self.resume, checkpointing.model_config(self.unet))
             self.global_step, self.wall_time = state["global_step"], state["wall_time_s"]
             self.best_score = state.get("best_score")
             self.eval_history, self.eval_seconds = state.get("eval_history", []), state.get("eval_seconds", 0.0)
@@ -439,7 +515,7 @@ class Trainer:
         self.wall_time = time.perf_counter() - self._started
         state = {"global_step": self.global_step, "micro_step": self.micro_step, "wall_time_s": self.wall_time,
                  "best_score": self.best_score, "eval_history": self.eval_history,
-                 "eval_seconds": self.eval_seconds}  # fmt: skip
+                 "eval_seconds": self.eval_seconds, "model_config": checkpointing.model_config(self.unet)}  # fmt: skip
         if self.stream is not None:  # every process's own place in its stream
             state["stream_positions"] = distributed.gather_objects([self.stream.state_dict()], self.accelerator)
         if self.hub and args.push_checkpoints:
@@ -651,10 +727,11 @@ class Trainer:
         }
         if distributed.is_main(accelerator):
             checkpointing.export_pipeline(pipe, self.output_dir)
-            if final_samples:
-                sampling.save_images(images, self.output_dir / SAMPLES_FILE)
-            write_json(self.output_dir / SUMMARY_FILE, {"config": args.to_dict(), "results": results})
-            write_model_card(self.output_dir, repo_id=args.hub_model_id)
+            with checkpointing.disk_full_stops("the samples, summary and model card", self.output_dir, []):
+                if final_samples:
+                    sampling.save_images(images, self.output_dir / SAMPLES_FILE)
+                write_json(self.output_dir / SUMMARY_FILE, {"config": args.to_dict(), "results": results})
+                write_model_card(self.output_dir, repo_id=args.hub_model_id)
         accelerator.wait_for_everyone()
         return results
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,8 @@ class TrainingArguments(DataArguments):
         default=None, metadata={"help": "no, fp16 or bf16 (default: accelerate's config); weights stay fp32"}
     )
     ddp_timeout: int = field(
-        default=1800, metadata={"help": "seconds a process waits for the others in a collective before failing"}
+        default=1800,
+        metadata={"help": "seconds a process waits for the others (a dead or hung one) before the run stops"},
     )
     # Optimisation
     learning_rate: float = field(default=2e-4, metadata={"help": "AdamW peak learning rate"})
@@ -222,26 +224,23 @@ class TrainingArguments(DataArguments):
             if getattr(self, name) not in valid:
                 shown = ", ".join(str(v) for v in valid if v is not None)
                 raise ConfigError(f"--{name} {getattr(self, name)!r} is not one of: {shown}")
-        positive = ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "logging_steps",
-                    "shuffle_buffer_size", "ddp_timeout")  # fmt: skip
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        if self.dataloader_num_workers < 0:
-            raise ConfigError(f"--dataloader_num_workers must be 0 or more, got {self.dataloader_num_workers}")
+        for names, (rule, holds) in _RANGES.items():
+            for name in names:
+                value = getattr(self, name)
+                if value is not None and not holds(value):
+                    raise ConfigError(f"--{name} must be {rule}, got {value}")
+        if self.beta_schedule in ("linear", "scaled_linear") and not 0 < self.beta_start <= self.beta_end < 1:
+            raise ConfigError(
+                f"--beta_start {self.beta_start} and --beta_end {self.beta_end} must satisfy 0 < beta_start <= "
+                f"beta_end < 1 (the noise variances of the {self.beta_schedule} schedule)"
+            )
         if self.streaming and self.max_train_steps is None:
             raise ConfigError("--streaming needs --max_train_steps: a stream's length is not known in advance, so "
                               "--num_epochs cannot say how long to train")  # fmt: skip
         if self.streaming and self.eval_every:
             raise ConfigError("--eval_every needs the cached dataset as its reference; drop it with --streaming "
                               "and evaluate the export with scripts/evaluate.py")  # fmt: skip
-        if self.max_train_steps is not None and self.max_train_steps < 1:
-            raise ConfigError(f"--max_train_steps must be at least 1, got {self.max_train_steps}")
-        if self.posthoc_ema_every < 0:
-            raise ConfigError(f"--posthoc_ema_every must be 0 (off) or more, got {self.posthoc_ema_every}")
         parse_sigma_rels(self.posthoc_ema_sigma_rels, "--posthoc_ema_sigma_rels")
-        if self.prefetch_batches is not None and self.prefetch_batches < 0:
-            raise ConfigError(f"--prefetch_batches must be 0 (off) or more, got {self.prefetch_batches}")
         if self.report_to == "wandb" and not is_wandb_available():  # accelerate would drop it with a debug line
             raise ConfigError('--report_to wandb needs wandb: pip install -e ".[wandb]" (or pip install wandb)')
         if self.push_to_hub and not self.hub_model_id:
@@ -255,6 +254,23 @@ class TrainingArguments(DataArguments):
         values = asdict(self)
         values.pop("hub_token")
         return values
+
+
+# The range of every numeric flag (None, where allowed, means unset), checked before anything is built.
+_RANGES: dict[tuple[str, ...], tuple[str, Callable[[float], bool]]] = {
+    ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "logging_steps", "max_train_steps",
+     "num_epochs", "max_train_samples", "resolution", "num_train_timesteps", "num_preview_images", "preview_steps",
+     "num_final_images", "final_steps", "eval_num_samples", "checkpoints_total_limit", "ddp_timeout",
+     "shuffle_buffer_size"): ("at least 1", lambda v: v >= 1),
+    ("lr_warmup_steps", "sample_every", "eval_every", "hub_push_every", "adam_weight_decay", "adam_epsilon",
+     "max_grad_norm", "vlb_lambda", "dataloader_num_workers", "posthoc_ema_every", "prefetch_batches"): (
+        "at least 0", lambda v: v >= 0
+    ),
+    ("learning_rate", "ema_inv_gamma", "ema_power", "snr_gamma"): ("positive", lambda v: v > 0),
+    ("adam_beta1", "adam_beta2"): ("in [0, 1)", lambda v: 0 <= v < 1),
+    ("ema_max_decay",): ("in [0, 1]", lambda v: 0 <= v <= 1),
+    ("seed",): ("in [0, 2**32 - 1]", lambda v: 0 <= v < 2**32),
+}  # fmt: skip
 
 
 def parse_training_args(argv: list[str] | None = None) -> TrainingArguments:

@@ -16,7 +16,8 @@ organisations `orgs` lists for them (user -> org names; whoami reports them with
 `tokens` gets 401 ("Invalid credentials in Authorization header", as the Hub answers); a private or missing
 repo is 401 RepoNotFound without a token and 404 RepoNotFound with a valid one.
 Fault injection: `fail_next(path_substring, status=503, times=1)` answers the next matching requests with
-that status (or drops the connection with `disconnect=True`). Every request is recorded in `requests`
+that status and `headers` (e.g. Retry-After), or drops the connection with `disconnect=True`; with
+`after=True` the request is carried out first and only its answer is lost. Every request is recorded in `requests`
 (method, path, status, user, body; never the token).
 """
 
@@ -106,6 +107,8 @@ class _Fault:
     times: int
     method: str | None
     disconnect: bool
+    after: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class _HttpError(Exception):
@@ -166,11 +169,13 @@ class HubServer:
         times: int = 1,
         method: str | None = None,
         disconnect: bool = False,
+        after: bool = False,
+        headers: dict[str, str] | None = None,
     ) -> None:
-        """Answer the next `times` requests whose path contains `path_substring` with `status` (or a dropped
-        connection), before any other processing."""
+        """Answer the next `times` requests whose path contains `path_substring` with `status` and `headers` (or
+        a dropped connection), before any other processing; `after`: drop the connection after processing."""
         with self._lock:
-            self._faults.append(_Fault(path_substring, status, times, method, disconnect))
+            self._faults.append(_Fault(path_substring, status, times, method, disconnect, after, dict(headers or {})))
 
     def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
         """Path -> content of every file of `repo_id` at `revision` (a branch or commit oid)."""
@@ -245,13 +250,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.user: str | None = None
         self.can_write = False
         fault = self.hub._take_fault(self.command, unquote(url.path))
-        if fault is not None and fault.disconnect:
+        if fault is not None and fault.disconnect and not fault.after:
             self._record(unquote(url.path), 0)
             self.close_connection = True
             return
         try:
-            if fault is not None:
-                raise _HttpError(fault.status, f"injected failure {fault.status}")
+            if fault is not None and not fault.after:
+                raise _HttpError(fault.status, f"injected failure {fault.status}", headers=fault.headers)
             self.user = self._authenticate()
             for method, pattern, handler in _ROUTES:
                 match = pattern.match(url.path)
@@ -267,6 +272,10 @@ class _Handler(BaseHTTPRequestHandler):
             if err.code:
                 headers["X-Error-Code"] = err.code
             status, payload = err.status, err.payload
+        if fault is not None and fault.after:  # done, but the client never hears of it
+            self._record(unquote(url.path), 0)
+            self.close_connection = True
+            return
         self._record(unquote(url.path), status)
         self._send(status, payload, headers)
 

@@ -16,6 +16,7 @@ BUILT_IN = {
     errors.TrainingError: RuntimeError,
     errors.MissingWeightsError: FileNotFoundError,
     errors.PickleWeightsError: OSError,
+    errors.DiskFullError: OSError,
 }
 
 

@@ -636,3 +636,85 @@ def test_a_hub_that_keeps_failing_leaves_a_complete_local_run_and_one_line(
     assert json.loads((run / "training_summary.json").read_text())["results"]["global_step"] == 3
     for name in [*PIPELINE_FILES, "samples.png", "README.md", "checkpoints/checkpoint-3/model.safetensors"]:
         assert (run / name).is_file(), name
+
+
+# ---------------------------------------------------------------- a flaky Hub
+
+
+@pytest.fixture
+def waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The back-off waits of hf_ddpm.hub's retries, recorded instead of slept."""
+    recorded: list[float] = []
+    monkeypatch.setattr(hf_ddpm.hub.time, "sleep", recorded.append)
+    return recorded
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [({"Retry-After": "7"}, [7.0]), ({"RateLimit": '"api";r=0;t=12'}, [12.0]), ({}, [0.01])],
+    ids=["retry-after", "ratelimit", "no-header"],
+)
+def test_a_429_is_retried_after_the_wait_the_hub_asks_for(
+    output_dir: Path, hub: HubServer, waits: list[float], headers: dict, expected: list[float]
+) -> None:
+    hub.fail_next(f"/api/models/{REPO}/commit/", status=429, headers=headers)
+    push(output_dir, hub)
+    assert waits == expected
+    assert [r.status for r in hub.requests_matching("/commit/main", "POST")] == [429, 200]
+    assert OUTPUT_FILES <= set(hub.files(REPO))
+
+
+def test_500s_then_success_backs_off_exponentially(output_dir: Path, hub: HubServer, waits: list[float]) -> None:
+    hub.fail_next(f"/api/models/{REPO}/commit/", status=500, times=3)
+    push(output_dir, hub)
+    assert waits == [0.01, 0.02, 0.04]
+    assert OUTPUT_FILES <= set(hub.files(REPO))
+
+
+def test_a_connection_reset_mid_upload_is_retried(output_dir: Path, hub: HubServer) -> None:
+    weights = hashlib.sha256((output_dir / "unet/diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
+    hub.fail_next(f"/lfs-upload/{weights}", disconnect=True)  # the body was sent, the connection then dropped
+    push(output_dir, hub)
+    assert [r.status for r in hub.requests_matching(f"/lfs-upload/{weights}", "PUT")] == [0, 200]
+    assert (
+        hub.files(REPO)["unet/diffusion_pytorch_model.safetensors"]
+        == (output_dir / "unet/diffusion_pytorch_model.safetensors").read_bytes()
+    )
+
+
+def test_a_commit_whose_answer_is_lost_is_not_made_twice(output_dir: Path, hub: HubServer) -> None:
+    hub.fail_next(f"/api/models/{REPO}/commit/", after=True)  # committed, but the client never hears of it
+    push(output_dir, hub, commit_message="one push")
+    assert [c.message for c in hub.repos[REPO].commits.values()] == ["initial commit", "one push"]
+    assert OUTPUT_FILES <= set(hub.files(REPO))
+
+
+def test_a_token_revoked_mid_run_is_logged_once_training_goes_on_and_the_next_push_retries(
+    hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    pusher_for_this_hub(monkeypatch, hub)
+    real_push, calls = hf_ddpm.hub.push_to_hub, []
+
+    def push_then_revoke(*args: Any, **kwargs: Any) -> str:
+        calls.append(1)
+        if len(calls) == 4:  # the final push: the token is valid again
+            hub.tokens[TOKEN] = "alice"
+        try:
+            return real_push(*args, **kwargs)
+        finally:
+            if len(calls) == 1:  # revoked right after the first push
+                del hub.tokens[TOKEN]
+
+    monkeypatch.setattr(hf_ddpm.hub, "push_to_hub", push_then_revoke)
+    run = tmp_path / "run"
+    args = train_args(run, "--hub_token", TOKEN, "--max_train_steps", "4", "--checkpointing_steps", "1",
+                      "--hub_push_every", "1")  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="hf_ddpm.hub"):
+        results = train(parse_training_args(args))
+    assert results["global_step"] == 4 and len(calls) == 4
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "hf_ddpm.hub"]
+    assert len(warnings) == 1 and "the Hub rejected the token (401)" in warnings[0], warnings
+    assert TOKEN not in caplog.text
+    posts = [r.status for r in hub.requests_matching("/commit/main", "POST")]
+    assert posts == [200, 200], "the revoked pushes stop at whoami/create_repo; steps 1 and the end commit"
+    assert [c.message for c in hub.repos[REPO].commits.values()][-1] == "hf_ddpm: end of training, step 4"

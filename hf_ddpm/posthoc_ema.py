@@ -198,10 +198,10 @@ class PosthocEMAArguments:
 
 
 def search(model: str | Path, args: PosthocEMAArguments, sampling: Any, data: Any) -> list[dict[str, Any]]:
-    """Rebuild the EMA of each `args.sigma_rels` from MODEL/posthoc_ema's snapshots, export each to
-    MODEL/posthoc_ema/sigma_rel-W (a plain DDPMPipeline folder with MODEL's scheduler, training summary and its
-    own eval_results.json and model card), score it with `args.metric`, and write the table, best first by the
-    metric, to MODEL/posthoc_ema/results.json. Returns the table."""
+    """Rebuild the EMA of each `args.sigma_rels` at the step asked from MODEL/posthoc_ema's snapshots, export
+    each to MODEL/posthoc_ema/step-S/sigma_rel-W (a plain DDPMPipeline folder with MODEL's scheduler, training
+    summary and its own eval_results.json and model card), score it with `args.metric`, and write the table,
+    best first by the metric, to MODEL/posthoc_ema/step-S/results.json. Returns the table."""
     from hf_ddpm.checkpointing import export_pipeline
     from hf_ddpm.evaluation import EvaluationArguments, evaluate
     from hf_ddpm.hub import load_pipeline
@@ -216,7 +216,7 @@ def search(model: str | Path, args: PosthocEMAArguments, sampling: Any, data: An
     rows = []
     for sigma_rel in args.sigma_rel_values:
         pipe.unet.load_state_dict(reconstruct(snapshots, sigma_rel, step))
-        candidate = folder / f"sigma_rel-{sigma_rel:.3f}"
+        candidate = folder / f"step-{step}" / f"sigma_rel-{sigma_rel:.3f}"
         export_pipeline(pipe, candidate)
         summary = model / "training_summary.json"
         if summary.is_file():  # evaluation's reference images and the card's training facts come from it
@@ -225,5 +225,5 @@ def search(model: str | Path, args: PosthocEMAArguments, sampling: Any, data: An
         values = evaluate(str(candidate), evaluation, sampling, data)
         rows.append({"sigma_rel": sigma_rel, "step": step, "folder": str(candidate), **values})
     rows.sort(key=lambda row: row[score.value], reverse=score.higher_is_better)
-    write_json(folder / "results.json", {"metric": score.value, "step": step, "candidates": rows})
+    write_json(folder / f"step-{step}" / "results.json", {"metric": score.value, "step": step, "candidates": rows})
     return rows

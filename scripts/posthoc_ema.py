@@ -4,10 +4,10 @@
     python scripts/train.py --output_dir output --posthoc_ema_every 500
     python scripts/posthoc_ema.py output --sigma_rels 0.02,0.05,0.1,0.2 --metric digits --num_images 512
 
-Each width is rebuilt from output/posthoc_ema's snapshots (hf_ddpm/posthoc_ema.py) into
-output/posthoc_ema/sigma_rel-W, a plain DDPMPipeline folder with its own eval_results.json and model card, and
-scored as scripts/evaluate.py would (same sampling and data flags; default sampler 20-step SDE-DPM-Solver++).
-The table, best first, is printed and written to output/posthoc_ema/results.json.
+Each width is rebuilt at the step asked from output/posthoc_ema's snapshots (hf_ddpm/posthoc_ema.py) into
+output/posthoc_ema/step-S/sigma_rel-W, a plain DDPMPipeline folder with its own eval_results.json and model card,
+and scored as scripts/evaluate.py would (same sampling and data flags; default sampler 20-step SDE-DPM-Solver++).
+The table, best first, is printed and written to output/posthoc_ema/step-S/results.json.
 """
 
 from __future__ import annotations

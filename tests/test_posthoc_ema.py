@@ -100,10 +100,10 @@ def test_training_saves_snapshots_that_resume_exactly_and_the_search_exports_the
     args = posthoc_ema.PosthocEMAArguments(sigma_rels="0.05,0.2", metric="digits", num_images=70)
     rows = posthoc_ema.search(straight, args, SamplingArguments(sampler="ddim", num_inference_steps=2), DataArguments())
     assert [row["digits_fd"] for row in rows] == sorted(row["digits_fd"] for row in rows)  # best first
-    table = json.loads((snaps / "results.json").read_text())
+    table = json.loads((snaps / "step-4" / "results.json").read_text())
     assert table["metric"] == "digits_fd" and table["step"] == 4 and len(table["candidates"]) == 2
     for row in rows:
-        folder = snaps / f"sigma_rel-{row['sigma_rel']:.3f}"
+        folder = snaps / "step-4" / f"sigma_rel-{row['sigma_rel']:.3f}"
         assert (folder / "model_index.json").is_file() and (folder / "eval_results.json").is_file()
         assert (folder / "README.md").is_file()
     with pytest.raises(ConfigError, match="--metric 'fidd'"):

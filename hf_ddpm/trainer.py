@@ -33,7 +33,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers import UNet2DModel
+from diffusers import SchedulerMixin, UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch.profiler import record_function
@@ -174,8 +174,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         set_seed(args.seed)  # identical initial weights on every process
 
-        self.unet = build_model(args)
-        self.noise_scheduler = make_noise_scheduler(args)
+        self.unet, self.noise_scheduler = self.build_model()
         self.timestep_sampler = create_timestep_sampler(args.timestep_sampler, args.num_train_timesteps)
         with self.accelerator.main_process_first():  # the main process decodes and caches, the others read it
             self.data = load_training_data(args, self.unet)
@@ -436,6 +435,30 @@ class Trainer:
             self.model(xt, timesteps).sample.float().mean().backward()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def build_model(self) -> tuple[UNet2DModel, DDPMScheduler]:
+        """The network to train and the forward process of the run (`hf_ddpm.distillation.Distiller`: a student)."""
+        return build_model(self.args), make_noise_scheduler(self.args)
+
+    def batch_losses(
+        self, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, xt: torch.Tensor
+    ) -> torch.Tensor:
+        """The per-image losses of one micro-batch, through `self.model` (Ho et al.'s L_simple and its variants)."""
+        args = self.args
+        model_output = self.model(xt, timesteps).sample
+        return self.noise_scheduler.training_loss(
+            model_output.float(),
+            x0,
+            noise,
+            timesteps,
+            loss_weighting=args.loss_weighting,
+            snr_gamma=args.snr_gamma,
+            vlb_lambda=args.vlb_lambda,
+        )
+
+    def export_scheduler(self) -> SchedulerMixin:
+        """The scheduler of the exported pipeline: the run's forward process, which every sampler starts from."""
+        return DDPMScheduler.from_config(self.noise_scheduler.config)
+
     def _micro_step(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forward and backward on this process's share of micro-batch `micro_step`; steps the optimizer on sync."""
         args, accelerator = self.args, self.accelerator
@@ -443,16 +466,7 @@ class Trainer:
         grad_norm = None
         with accelerator.accumulate(self.model):
             with record_function("forward_backward"):
-                model_output = self.model(xt, timesteps).sample
-                losses = self.noise_scheduler.training_loss(
-                    model_output.float(),
-                    x0,
-                    noise,
-                    timesteps,
-                    loss_weighting=args.loss_weighting,
-                    snr_gamma=args.snr_gamma,
-                    vlb_lambda=args.vlb_lambda,
-                )
+                losses = self.batch_losses(x0, timesteps, noise, xt)
                 loss = (losses * weights).mean()
                 accelerator.backward(loss)
             with record_function("optimizer"):
@@ -473,7 +487,7 @@ class Trainer:
         else:
             self.ema.copy_to(copy.parameters())
         copy.eval()
-        pipe = DDPMPipeline(unet=copy, scheduler=DDPMScheduler.from_config(self.noise_scheduler.config))
+        pipe = DDPMPipeline(unet=copy, scheduler=self.export_scheduler())
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

@@ -1,0 +1,249 @@
+"""Distilling a trained DDPM into a few-step generator that plain diffusers samples.
+
+    accelerate launch scripts/distill.py output --method progressive --output_dir output-distilled
+
+Progressive distillation (Salimans & Ho 2022, Algorithm 2): a student, initialised from the teacher, learns to
+take in one DDIM step what the teacher takes in two; the student becomes the next round's teacher, so each round
+halves the steps (`--teacher_steps` 16: students of 8, 4, 2 and 1 steps). The student predicts v (the paper's
+choice: stable down to one step, where an epsilon prediction is divided by sqrt(abar_T) ~ 0.006) and is saved
+as a `UNet2DModel` with a `DDIMScheduler`, so that
+
+    >>> from diffusers import DDPMPipeline
+    >>> pipe = DDPMPipeline.from_pretrained("output-distilled")
+    >>> images = pipe(batch_size=16, num_inference_steps=1).images
+
+samples it in plain diffusers. Each round's student is also exported, to `students/<N>-step/`.
+
+The `Distiller` is a `hf_ddpm.trainer.Trainer` with another model (`build_model`), loss (`batch_losses`) and
+exported scheduler (`export_scheduler`): accelerate, checkpoints, exact resume, logging, previews and the Hub
+are training's own. Only the timesteps differ: the trainer's uniform draw of t in {0..T-1} picks the student's
+grid point, index floor(t N / T).
+
+Notation (the paper's, in discrete time): z_t = alpha_t x + sigma_t eps with alpha_t = sqrt(abar_t),
+sigma_t = sqrt(1 - abar_t), abar_{-1} = 1 (DDIM's `set_alpha_to_one`). One DDIM step from t to s given a
+prediction x^ of x is  z_s = alpha_s x^ + (sigma_s / sigma_t) (z_t - alpha_t x^).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.logging import get_logger
+from diffusers import DDIMScheduler, SchedulerMixin, UNet2DModel
+from torch import Tensor
+from transformers import HfArgumentParser
+
+from hf_ddpm import checkpointing, distributed
+from hf_ddpm.arguments import parse_into_dataclasses
+from hf_ddpm.errors import ConfigError
+from hf_ddpm.hub import load_pipeline
+from hf_ddpm.scheduler import DDPMScheduler
+from hf_ddpm.trainer import Trainer
+from hf_ddpm.training_args import TrainingArguments
+
+METHODS = ("progressive",)
+STUDENTS_DIR = "students"
+
+logger = get_logger(__name__)  # accelerate's: logs on the main process only
+
+
+def ddim_step(x0: Tensor, zt: Tensor, abar_t: Tensor, abar_s: Tensor) -> Tensor:
+    """z_s = alpha_s x0 + (sigma_s / sigma_t)(z_t - alpha_t x0): deterministic DDIM (eta = 0) from t to s, with the
+    noise implied by `x0` (diffusers' `use_clipped_model_output=True`); abar_* broadcast against z_t."""
+    return abar_s.sqrt() * x0 + ((1 - abar_s) / (1 - abar_t)).sqrt() * (zt - abar_t.sqrt() * x0)
+
+
+def progressive_target(
+    teacher_x0: Callable[[Tensor, Tensor], Tensor],
+    zt: Tensor,
+    t: Tensor,
+    t_mid: Tensor,
+    t_next: Tensor,
+    abar: Callable[[Tensor], Tensor],
+) -> Tensor:
+    """The student's x target, Salimans & Ho (2022) Algorithm 2: two teacher DDIM steps t -> t' -> t'', then the
+    x~ for which one DDIM step from z_t lands where they did,
+        x~ = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t),
+    which at t'' = -1 (sigma = 0) is z_t'' itself. `teacher_x0(z, t)` is the teacher's x^; `abar(t)` is abar_t
+    shaped to broadcast against z_t."""
+    abar_t, abar_mid, abar_next = abar(t), abar(t_mid), abar(t_next)
+    z_mid = ddim_step(teacher_x0(zt, t), zt, abar_t, abar_mid).to(zt.dtype)
+    z_next = ddim_step(teacher_x0(z_mid, t_mid), z_mid, abar_mid, abar_next)
+    ratio = ((1 - abar_next) / (1 - abar_t)).sqrt()
+    return (z_next - ratio * zt) / (abar_next.sqrt() - ratio * abar_t.sqrt())
+
+
+@dataclass
+class DistillationArguments(TrainingArguments):
+    """Every option of scripts/distill.py: training's (the student trains like a model: batch, optimiser, EMA,
+    checkpoints, Hub), then the distillation's. The forward process (betas, T) is the teacher's; `--preset`,
+    `--unet_overrides` and the loss options do not apply. `--prediction_type` is the student's."""
+
+    method: str = field(default="progressive", metadata={"help": f"one of {', '.join(METHODS)}"})
+    teacher_steps: int = field(
+        default=16, metadata={"help": "DDIM steps of the teacher that the first round halves (a power of 2)"}
+    )
+    student_steps: int = field(default=1, metadata={"help": "steps of the last round's student (a power of 2)"})
+    steps_per_round: int = field(
+        default=800, metadata={"help": "optimizer steps per halving; more for a better student (the paper: 50k)"}
+    )
+    # training's defaults, changed for a student that starts from its teacher
+    output_dir: str = field(default="output-distilled", metadata={"help": "where the student, logs and checkpoints go"})
+    prediction_type: str = field(default="v_prediction", metadata={"help": "the student's: v_prediction, ..."})
+    lr_warmup_steps: int = field(default=100, metadata={"help": "linear warm-up, in optimizer steps"})
+    ema_max_decay: float = field(default=0.995, metadata={"help": "EMA decay after warm-up (a window per round)"})
+    sample_every: int = field(default=0, metadata={"help": "log a sample grid every N steps (0: never)"})
+    preview_sampler: str = field(default="ddim", metadata={"help": "sampler for logged grids and --eval_every"})
+    final_sampler: str = field(default="ddim", metadata={"help": "sampler for samples.png"})
+    teacher: str = field(default="output", metadata={"help": "TEACHER, the first argument"})
+    teacher_revision: str | None = field(default=None, metadata={"help": "the teacher's Hub branch, tag or commit"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.method not in METHODS:
+            raise ConfigError(f"--method {self.method!r} is not one of: {', '.join(METHODS)}")
+        for name in ("teacher_steps", "student_steps", "steps_per_round"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        ratio = self.teacher_steps // self.student_steps
+        if self.teacher_steps % self.student_steps or ratio < 2 or ratio & (ratio - 1):
+            raise ConfigError(
+                f"--teacher_steps {self.teacher_steps} must be --student_steps {self.student_steps} times a power of 2 "
+                "(each round halves the steps), e.g. 16 and 1"
+            )
+        if self.timestep_sampler != "uniform":
+            raise ConfigError("--timestep_sampler: distillation draws the student's steps uniformly; use uniform")
+        self.max_train_steps = self.num_rounds * self.steps_per_round
+        self.final_steps = self.final_steps or self.student_steps
+        self.preview_steps = self.preview_steps or self.student_steps
+
+    @property
+    def num_rounds(self) -> int:
+        return int(math.log2(self.teacher_steps // self.student_steps))
+
+    def round_steps(self, round_index: int) -> int:
+        """The student's DDIM steps in round `round_index` (0-based): teacher_steps / 2^(round + 1)."""
+        return self.teacher_steps >> (round_index + 1)
+
+
+def parse_distillation_args(argv: list[str] | None = None) -> DistillationArguments:
+    """TEACHER and the flags of scripts/distill.py."""
+    parser = HfArgumentParser(DistillationArguments, description="Distil a DDPM into a few-step generator.")
+    # the positional TEACHER fills the dataclass field of the same name
+    parser.add_argument("teacher", help="the teacher: an hf_ddpm or diffusers DDPM pipeline folder or Hub repo id")
+    (args,) = parse_into_dataclasses(parser, argv)
+    return args
+
+
+class _Teacher:
+    """The round's teacher network and how to read x from it; checkpointed, so a resumed round has the same one."""
+
+    def __init__(self, unet: UNet2DModel, process: DDPMScheduler, round_index: int = 0):
+        self.unet, self.process, self.round = unet.eval().requires_grad_(False), process, round_index
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"round": self.round, "config": dict(self.process.config), "unet": self.unet.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.round, self.process = state["round"], DDPMScheduler.from_config(state["config"])
+        self.unet.load_state_dict(state["unet"])
+
+    @torch.no_grad()
+    def predict_x0(self, zt: Tensor, t: Tensor) -> Tensor:
+        """x^ of the teacher at (z_t, t), clipped to [-1, 1] where its scheduler clips (as its sampling does)."""
+        x0 = self.process.predict_x0(self.unet(zt, t).sample.float(), zt, t)
+        config = self.process.config
+        return x0.clamp(-1, 1) if config.thresholding or config.clip_sample else x0
+
+
+class Distiller(Trainer):
+    """One distillation run: `Distiller(args).train()`, with `args` a `DistillationArguments`."""
+
+    args: DistillationArguments
+
+    def build_model(self) -> tuple[UNet2DModel, DDPMScheduler]:
+        """The student: a copy of the teacher's UNet; the forward process: the teacher's, predicting v."""
+        args = self.args
+        pipe = load_pipeline(args.teacher, revision=args.teacher_revision, allow_pickle=args.allow_pickle)
+        config = pipe.unet.config
+        if config.out_channels != config.in_channels:
+            raise ConfigError(f"the teacher {args.teacher} has a learned variance ({config.out_channels} outputs)")
+        process = DDPMScheduler.from_config(pipe.scheduler.config)
+        device = self.accelerator.device
+        self.teacher = _Teacher(copy.deepcopy(pipe.unet).to(device), process)
+        self.accelerator.register_for_checkpointing(self.teacher)
+        self.student_process = DDPMScheduler.from_config(
+            process.config, prediction_type=args.prediction_type, thresholding=False, clip_sample=False
+        )
+        self._grids: dict[int, Tensor] = {}
+        return pipe.unet, self.student_process
+
+    def export_scheduler(self) -> SchedulerMixin:
+        """DDIM on the teacher's betas, trailing timesteps, x unclipped (what the student was trained to step)."""
+        return DDIMScheduler.from_config(
+            self.student_process.config, set_alpha_to_one=True, timestep_spacing="trailing", steps_offset=0
+        )
+
+    def _grid(self, steps: int) -> Tensor:
+        """(steps,) timesteps of the exported DDIM scheduler at `steps` steps, as plain diffusers samples them."""
+        if steps not in self._grids:
+            scheduler = self.export_scheduler()
+            scheduler.set_timesteps(steps)
+            self._grids[steps] = scheduler.timesteps.to(self.accelerator.device)
+        return self._grids[steps]
+
+    def _abar(self, t: Tensor, like: Tensor) -> Tensor:
+        """abar_t for integer t >= -1 (abar_{-1} = 1), broadcast against `like`, in float64."""
+        table = self.noise_scheduler.tables.alphas_cumprod.to(t.device)
+        abar = torch.where(t >= 0, table[t.clamp(min=0)], torch.ones_like(table[0]))
+        return abar.view(-1, *([1] * (like.ndim - 1)))
+
+    def _start_round(self, round_index: int) -> None:
+        """From round 1 on, the teacher is the previous round's student (its exported, EMA weights)."""
+        if round_index == self.teacher.round:
+            return
+        if self.ema is not None:
+            self.ema.copy_to(self.teacher.unet.parameters())
+        else:
+            self.teacher.unet.load_state_dict(self.unet.state_dict())
+        self.teacher.process, self.teacher.round = self.student_process, round_index
+        logger.info("round %d: %d -> %d steps", round_index + 1, 2 * self.args.round_steps(round_index),
+                    self.args.round_steps(round_index))  # fmt: skip
+
+    def batch_losses(self, x0: Tensor, timesteps: Tensor, noise: Tensor, xt: Tensor) -> Tensor:
+        """max(SNR_t, 1) ||x~ - x^_student(z_t)||^2 per image (the paper's truncated-SNR weighting), z_t at the
+        student's grid point that the drawn timestep picks."""
+        args = self.args
+        round_index = self.global_step // args.steps_per_round
+        self._start_round(round_index)
+        steps, num_train = args.round_steps(round_index), self.noise_scheduler.config.num_train_timesteps
+        t = self._grid(steps)[timesteps * steps // args.num_train_timesteps]
+        t_mid, t_next = t - num_train // (2 * steps), t - num_train // steps
+        zt = self.noise_scheduler.q_sample(x0, t, noise)
+        target = progressive_target(self.teacher.predict_x0, zt, t, t_mid, t_next, lambda s: self._abar(s, x0))
+        target = target.float()
+        x0_student = self.student_process.predict_x0(self.model(zt, t).sample.float(), zt, t)
+        weight = self.noise_scheduler.snr(t).clamp(min=1).float()
+        return weight * (x0_student - target).square().flatten(1).mean(1)
+
+    def step(self) -> Tensor | None:
+        """A training step; the step that ends a round also exports its student to students/<N>-step/."""
+        grad_norm = super().step()
+        if self.global_step % self.args.steps_per_round == 0:
+            steps = self.args.round_steps(self.global_step // self.args.steps_per_round - 1)
+            pipe = self._ema_pipeline()
+            if distributed.is_main(self.accelerator):
+                checkpointing.export_pipeline(pipe, Path(self.args.output_dir) / STUDENTS_DIR / f"{steps}-step")
+            self.accelerator.wait_for_everyone()
+        return grad_norm
+
+
+def distill(args: DistillationArguments) -> dict[str, Any]:
+    """Distil as `args` says; what `accelerate launch scripts/distill.py` runs."""
+    return Distiller(args).train()

@@ -1,0 +1,164 @@
+"""Distillation: the progressive target against closed forms and diffusers' DDIM, runs end to end on a tiny
+teacher (an hf_ddpm run and one saved by plain diffusers), exact resume across a round, and the student sampled
+by plain diffusers without hf_ddpm."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from conftest import run_without_hf_ddpm
+from safetensors.torch import load_file
+
+from hf_ddpm import checkpointing
+from hf_ddpm.distillation import (
+    DistillationArguments,
+    ddim_step,
+    distill,
+    parse_distillation_args,
+    progressive_target,
+)
+from hf_ddpm.errors import ConfigError
+from hf_ddpm.pipeline import DDPMPipeline
+from hf_ddpm.presets import build_unet
+from hf_ddpm.sampling import generate
+
+FAST = ["--train_batch_size", "8", "--logging_steps", "2", "--num_final_images", "4", "--max_train_samples", "64",
+        "--report_to", "none", "--teacher_steps", "4", "--steps_per_round", "2", "--lr_warmup_steps", "1"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    """A tiny-8 DDPM saved by plain diffusers only: no training_summary.json, no hf_ddpm classes."""
+    folder = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(0)
+    unet = build_unet("tiny-8")
+    with torch.no_grad():  # a non-trivial network
+        for p in unet.conv_out.parameters():
+            p.normal_(0, 0.1)
+    scheduler = diffusers.DDPMScheduler(timestep_spacing="trailing", thresholding=True, sample_max_value=1.0)
+    diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder)
+    return folder
+
+
+def run(teacher: Path, out: Path, *extra: str) -> dict:
+    return distill(parse_distillation_args([str(teacher), *FAST, "--output_dir", str(out), *extra]))
+
+
+def abar_of(alphas_cumprod: torch.Tensor):
+    return lambda t: torch.where(t >= 0, alphas_cumprod[t.clamp(min=0)], torch.ones(())).view(-1, 1)
+
+
+def test_ddim_step_is_diffusers_ddim_with_the_clipped_prediction():
+    scheduler = diffusers.DDIMScheduler(clip_sample=True, set_alpha_to_one=True, timestep_spacing="trailing")
+    scheduler.set_timesteps(4)
+    abar = abar_of(scheduler.alphas_cumprod.double())
+    generator = torch.Generator().manual_seed(0)
+    z, eps = torch.randn(3, 5, generator=generator, dtype=torch.float64), torch.randn(3, 5, generator=generator)
+    for t in scheduler.timesteps.tolist():
+        s = t - 1000 // 4
+        expected = scheduler.step(eps.double(), t, z, use_clipped_model_output=True).prev_sample
+        tt = torch.full((3,), t)
+        x0 = ((z - (1 - abar(tt)).sqrt() * eps) / abar(tt).sqrt()).clamp(-1, 1)
+        torch.testing.assert_close(ddim_step(x0, z, abar(tt), abar(torch.full((3,), s))), expected)
+
+
+@pytest.mark.parametrize("t, t_mid, t_next", [(999, 499, -1), (749, 624, 499), (400, 390, 380)])
+def test_progressive_target_is_two_teacher_ddim_steps_on_a_linear_toy(t, t_mid, t_next):
+    """Gaussian data x ~ N(0, s^2): the ideal teacher is linear, x^(z, t) = c_t z with c_t = alpha s^2 / (alpha^2
+    s^2 + sigma^2), so two DDIM steps scale z_t by k = k2 k1 and the target is (k - r) / (alpha'' - r alpha) z_t,
+    r = sigma''/sigma; one DDIM step from z_t with the target lands where the two teacher steps did."""
+    alphas_cumprod = diffusers.DDPMScheduler().alphas_cumprod.double()
+    abar = abar_of(alphas_cumprod)
+    s2 = 0.3
+
+    def a(u):
+        return 1.0 if u < 0 else alphas_cumprod[u].item()
+
+    def c(u):
+        return a(u) ** 0.5 * s2 / (a(u) * s2 + 1 - a(u))
+
+    def k(u, v):  # z_v / z_u for one DDIM step of the linear teacher
+        r = ((1 - a(v)) / (1 - a(u))) ** 0.5
+        return a(v) ** 0.5 * c(u) + r * (1 - a(u) ** 0.5 * c(u))
+
+    zt = torch.randn(4, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    times = [torch.full((4,), u) for u in (t, t_mid, t_next)]
+    target = progressive_target(lambda z, u: c(u[0].item()) * z, zt, *times, abar)
+    r = ((1 - a(t_next)) / (1 - a(t))) ** 0.5
+    expected = (k(t, t_mid) * k(t_mid, t_next) - r) / (a(t_next) ** 0.5 - r * a(t) ** 0.5) * zt
+    torch.testing.assert_close(target, expected)
+    one_step = ddim_step(target, zt, abar(times[0]), abar(times[2]))
+    torch.testing.assert_close(one_step, k(t, t_mid) * k(t_mid, t_next) * zt)
+
+
+def test_arguments_refuse_steps_that_do_not_halve_and_set_the_run_length():
+    with pytest.raises(ConfigError, match="power of 2"):
+        DistillationArguments(teacher_steps=12, student_steps=1)
+    with pytest.raises(ConfigError, match="--method"):
+        DistillationArguments(method="gan")
+    args = DistillationArguments(teacher_steps=16, student_steps=2, steps_per_round=10)
+    assert args.num_rounds == 3 and args.max_train_steps == 30 and args.final_steps == 2
+    assert [args.round_steps(r) for r in range(3)] == [8, 4, 2]
+
+
+def test_plain_diffusers_teacher_distils_to_a_student_that_plain_diffusers_samples(teacher, tmp_path):
+    out = tmp_path / "student"
+    results = run(teacher, out)
+    assert results["global_step"] == 4
+    for folder in (out, out / "students" / "2-step", out / "students" / "1-step"):
+        index = json.loads((folder / "model_index.json").read_text())
+        assert index["_class_name"] == "DDPMPipeline" and index["scheduler"] == ["diffusers", "DDIMScheduler"]
+    config = json.loads((out / "scheduler/scheduler_config.json").read_text())
+    assert config["prediction_type"] == "v_prediction" and config["timestep_spacing"] == "trailing"
+    assert (out / "README.md").is_file() and (out / "samples.png").is_file()
+    code = """
+import numpy as np, torch
+from diffusers import DDPMPipeline
+pipe = DDPMPipeline.from_pretrained("student")
+assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+seeds = [np.random.SeedSequence((0, i)).generate_state(1, np.uint64)[0] for i in range(3)]
+generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+images = pipe(batch_size=3, generator=generators, num_inference_steps=1, output_type="np").images
+np.save("plain.npy", images)
+"""
+    run_without_hf_ddpm(code, cwd=tmp_path)
+    plain = np.load(tmp_path / "plain.npy")
+    ours = generate(DDPMPipeline.from_pretrained(out), 3, sampler="ddim", num_inference_steps=1, progress=False)
+    assert np.abs(np.round(plain * 255).astype(int) - ours.permute(0, 2, 3, 1).numpy()).max() <= 1
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_across_a_round_is_bit_exact(teacher, tmp_path, monkeypatch):
+    args = ["--checkpointing_steps", "1", "--teacher_steps", "8", "--steps_per_round", "2"]
+    straight = tmp_path / "straight"
+    run(teacher, straight, *args)
+
+    real_save = checkpointing.save_checkpoint
+
+    def save_then_die(accelerator, folder, step, state, limit):
+        real_save(accelerator, folder, step, state, limit)
+        if step == 3:  # inside round 2: its teacher is round 1's student, restored from the checkpoint
+            raise _Interrupt(step)
+
+    monkeypatch.setattr(checkpointing, "save_checkpoint", save_then_die)
+    resumed = tmp_path / "resumed"
+    with pytest.raises(_Interrupt):
+        run(teacher, resumed, *args)
+    monkeypatch.setattr(checkpointing, "save_checkpoint", real_save)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    assert run(teacher, resumed, *args, "--resume_from_checkpoint", "latest")["global_step"] == 6
+    for folder in ("", "students/2-step", "checkpoints/checkpoint-6"):
+        name = "model.safetensors" if folder.startswith("checkpoints") else "unet/diffusion_pytorch_model.safetensors"
+        a, b = load_file(straight / folder / name), load_file(resumed / folder / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{folder or 'export'} differs after resume"

@@ -27,8 +27,9 @@ prediction x^ of x is  z_s = alpha_s x^ + (sigma_s / sigma_t) (z_t - alpha_t x^)
 from __future__ import annotations
 
 import copy
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,21 +63,19 @@ def ddim_step(x0: Tensor, zt: Tensor, abar_t: Tensor, abar_s: Tensor) -> Tensor:
 def progressive_target(
     teacher_x0: Callable[[Tensor, Tensor], Tensor],
     zt: Tensor,
-    t: Tensor,
-    t_mid: Tensor,
-    t_next: Tensor,
+    times: Sequence[Tensor],
     abar: Callable[[Tensor], Tensor],
 ) -> Tensor:
-    """The student's x target, Salimans & Ho (2022) Algorithm 2: two teacher DDIM steps t -> t' -> t'', then the
-    x~ for which one DDIM step from z_t lands where they did,
+    """The student's x target, Salimans & Ho (2022) Algorithm 2: teacher DDIM steps t = times[0] -> times[1] -> ...
+    -> times[-1] = t'' (two in the paper), then the x~ for which one DDIM step from z_t lands where they did,
         x~ = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t),
     which at t'' = -1 (sigma = 0) is z_t'' itself. `teacher_x0(z, t)` is the teacher's x^; `abar(t)` is abar_t
     shaped to broadcast against z_t."""
-    abar_t, abar_mid, abar_next = abar(t), abar(t_mid), abar(t_next)
-    z_mid = ddim_step(teacher_x0(zt, t), zt, abar_t, abar_mid).to(zt.dtype)
-    z_next = ddim_step(teacher_x0(z_mid, t_mid), z_mid, abar_mid, abar_next)
-    ratio = ((1 - abar_next) / (1 - abar_t)).sqrt()
-    return (z_next - ratio * zt) / (abar_next.sqrt() - ratio * abar_t.sqrt())
+    z = zt
+    for t, s in itertools.pairwise(times):
+        z = ddim_step(teacher_x0(z.to(zt.dtype), t), z, abar(t), abar(s))
+    ratio = ((1 - abar(times[-1])) / (1 - abar(times[0]))).sqrt()
+    return (z - ratio * zt) / (abar(times[-1]).sqrt() - ratio * abar(times[0]).sqrt())
 
 
 @dataclass
@@ -86,10 +85,13 @@ class DistillationArguments(TrainingArguments):
     `--unet_overrides` and the loss options do not apply. `--prediction_type` is the student's."""
 
     method: str = field(default="progressive", metadata={"help": f"one of {', '.join(METHODS)}"})
-    teacher_steps: int = field(
-        default=16, metadata={"help": "DDIM steps of the teacher that the first round halves (a power of 2)"}
-    )
-    student_steps: int = field(default=1, metadata={"help": "steps of the last round's student (a power of 2)"})
+    teacher_steps: int = field(default=64, metadata={"help": "DDIM steps of the teacher that the first round distils"})
+    first_student_steps: int | None = field(
+        default=8,
+        metadata={"help": "steps of the first round's student (default: half of --teacher_steps, as in the paper); "
+                  "each later round halves them"},
+    )  # fmt: skip
+    student_steps: int = field(default=1, metadata={"help": "steps of the last round's student"})
     steps_per_round: int = field(
         default=800, metadata={"help": "optimizer steps per halving; more for a better student (the paper: 50k)"}
     )
@@ -108,15 +110,17 @@ class DistillationArguments(TrainingArguments):
         super().__post_init__()
         if self.method not in METHODS:
             raise ConfigError(f"--method {self.method!r} is not one of: {', '.join(METHODS)}")
-        for name in ("teacher_steps", "student_steps", "steps_per_round"):
+        self.first_student_steps = self.first_student_steps or self.teacher_steps // 2
+        for name in ("teacher_steps", "first_student_steps", "student_steps", "steps_per_round"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        ratio = self.teacher_steps // self.student_steps
-        if self.teacher_steps % self.student_steps or ratio < 2 or ratio & (ratio - 1):
-            raise ConfigError(
-                f"--teacher_steps {self.teacher_steps} must be --student_steps {self.student_steps} times a power of 2 "
-                "(each round halves the steps), e.g. 16 and 1"
-            )
+        for bigger, smaller in (("teacher_steps", "first_student_steps"), ("first_student_steps", "student_steps")):
+            ratio, rest = divmod(getattr(self, bigger), getattr(self, smaller))
+            if rest or ratio < (2 if bigger == "teacher_steps" else 1) or ratio & (ratio - 1):
+                raise ConfigError(
+                    f"--{bigger} {getattr(self, bigger)} must be --{smaller} {getattr(self, smaller)} times a power "
+                    "of 2 (each round halves the steps), e.g. --teacher_steps 64 --first_student_steps 8"
+                )
         if self.timestep_sampler != "uniform":
             raise ConfigError("--timestep_sampler: distillation draws the student's steps uniformly; use uniform")
         self.max_train_steps = self.num_rounds * self.steps_per_round
@@ -125,11 +129,15 @@ class DistillationArguments(TrainingArguments):
 
     @property
     def num_rounds(self) -> int:
-        return int(math.log2(self.teacher_steps // self.student_steps))
+        return 1 + int(math.log2(self.first_student_steps // self.student_steps))
 
     def round_steps(self, round_index: int) -> int:
-        """The student's DDIM steps in round `round_index` (0-based): teacher_steps / 2^(round + 1)."""
-        return self.teacher_steps >> (round_index + 1)
+        """The student's DDIM steps in round `round_index` (0-based): first_student_steps / 2^round."""
+        return self.first_student_steps >> round_index
+
+    def steps_per_student_step(self, round_index: int) -> int:
+        """Teacher DDIM steps per student step: teacher_steps / first_student_steps in round 0, then 2."""
+        return self.teacher_steps // self.first_student_steps if round_index == 0 else 2
 
 
 def parse_distillation_args(argv: list[str] | None = None) -> DistillationArguments:
@@ -224,9 +232,13 @@ class Distiller(Trainer):
         self._start_round(round_index)
         steps, num_train = args.round_steps(round_index), self.noise_scheduler.config.num_train_timesteps
         t = self._grid(steps)[timesteps * steps // args.num_train_timesteps]
-        t_mid, t_next = t - num_train // (2 * steps), t - num_train // steps
+        # the teacher's steps: DDIM's own step length at the teacher's step count, the last one landing where the
+        # student's step does (they differ by a timestep where T is no multiple of the steps)
+        teacher_steps = steps * args.steps_per_student_step(round_index)
+        times = [(t - j * (num_train // teacher_steps)).clamp(min=0) for j in range(teacher_steps // steps)]
+        times.append(t - num_train // steps)
         zt = self.noise_scheduler.q_sample(x0, t, noise)
-        target = progressive_target(self.teacher.predict_x0, zt, t, t_mid, t_next, lambda s: self._abar(s, x0))
+        target = progressive_target(self.teacher.predict_x0, zt, times, lambda s: self._abar(s, x0))
         target = target.float()
         x0_student = self.student_process.predict_x0(self.model(zt, t).sample.float(), zt, t)
         weight = self.noise_scheduler.snr(t).clamp(min=1).float()

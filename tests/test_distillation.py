@@ -4,6 +4,7 @@ by plain diffusers without hf_ddpm."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -28,7 +29,8 @@ from hf_ddpm.presets import build_unet
 from hf_ddpm.sampling import generate
 
 FAST = ["--train_batch_size", "8", "--logging_steps", "2", "--num_final_images", "4", "--max_train_samples", "64",
-        "--report_to", "none", "--teacher_steps", "4", "--steps_per_round", "2", "--lr_warmup_steps", "1"]  # fmt: skip
+        "--report_to", "none", "--teacher_steps", "8", "--first_student_steps", "2", "--steps_per_round", "2",
+        "--lr_warmup_steps", "1"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +69,11 @@ def test_ddim_step_is_diffusers_ddim_with_the_clipped_prediction():
         torch.testing.assert_close(ddim_step(x0, z, abar(tt), abar(torch.full((3,), s))), expected)
 
 
-@pytest.mark.parametrize("t, t_mid, t_next", [(999, 499, -1), (749, 624, 499), (400, 390, 380)])
-def test_progressive_target_is_two_teacher_ddim_steps_on_a_linear_toy(t, t_mid, t_next):
+@pytest.mark.parametrize("times", [(999, 499, -1), (749, 624, 499), (400, 390, 380), (124, 109, 94, 79, -1)])
+def test_progressive_target_is_the_teacher_ddim_steps_on_a_linear_toy(times):
     """Gaussian data x ~ N(0, s^2): the ideal teacher is linear, x^(z, t) = c_t z with c_t = alpha s^2 / (alpha^2
-    s^2 + sigma^2), so two DDIM steps scale z_t by k = k2 k1 and the target is (k - r) / (alpha'' - r alpha) z_t,
-    r = sigma''/sigma; one DDIM step from z_t with the target lands where the two teacher steps did."""
+    s^2 + sigma^2), so each DDIM step t -> u scales z by k(t, u) and the target is (prod k - r) / (alpha'' - r alpha)
+    z_t, r = sigma''/sigma; one DDIM step from z_t with the target lands where the teacher's steps did."""
     alphas_cumprod = diffusers.DDPMScheduler().alphas_cumprod.double()
     abar = abar_of(alphas_cumprod)
     s2 = 0.3
@@ -87,23 +89,29 @@ def test_progressive_target_is_two_teacher_ddim_steps_on_a_linear_toy(t, t_mid, 
         return a(v) ** 0.5 * c(u) + r * (1 - a(u) ** 0.5 * c(u))
 
     zt = torch.randn(4, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    times = [torch.full((4,), u) for u in (t, t_mid, t_next)]
-    target = progressive_target(lambda z, u: c(u[0].item()) * z, zt, *times, abar)
+    target = progressive_target(lambda z, u: c(u[0].item()) * z, zt, [torch.full((4,), u) for u in times], abar)
+    scale = np.prod([k(u, v) for u, v in itertools.pairwise(times)])
+    t, t_next = times[0], times[-1]
     r = ((1 - a(t_next)) / (1 - a(t))) ** 0.5
-    expected = (k(t, t_mid) * k(t_mid, t_next) - r) / (a(t_next) ** 0.5 - r * a(t) ** 0.5) * zt
-    torch.testing.assert_close(target, expected)
-    one_step = ddim_step(target, zt, abar(times[0]), abar(times[2]))
-    torch.testing.assert_close(one_step, k(t, t_mid) * k(t_mid, t_next) * zt)
+    torch.testing.assert_close(target, (scale - r) / (a(t_next) ** 0.5 - r * a(t) ** 0.5) * zt)
+    one_step = ddim_step(target, zt, abar(torch.full((4,), t)), abar(torch.full((4,), t_next)))
+    torch.testing.assert_close(one_step, scale * zt)
 
 
 def test_arguments_refuse_steps_that_do_not_halve_and_set_the_run_length():
     with pytest.raises(ConfigError, match="power of 2"):
-        DistillationArguments(teacher_steps=12, student_steps=1)
+        DistillationArguments(teacher_steps=12, first_student_steps=None, student_steps=1)
+    with pytest.raises(ConfigError, match="power of 2"):
+        DistillationArguments(teacher_steps=64, first_student_steps=6)
     with pytest.raises(ConfigError, match="--method"):
         DistillationArguments(method="gan")
-    args = DistillationArguments(teacher_steps=16, student_steps=2, steps_per_round=10)
-    assert args.num_rounds == 3 and args.max_train_steps == 30 and args.final_steps == 2
-    assert [args.round_steps(r) for r in range(3)] == [8, 4, 2]
+    paper = DistillationArguments(teacher_steps=16, first_student_steps=None, student_steps=2, steps_per_round=10)
+    assert paper.num_rounds == 3 and paper.max_train_steps == 30 and paper.final_steps == 2
+    assert [paper.round_steps(r) for r in range(3)] == [8, 4, 2]
+    assert [paper.steps_per_student_step(r) for r in range(3)] == [2, 2, 2]
+    default = DistillationArguments()
+    assert [default.round_steps(r) for r in range(default.num_rounds)] == [8, 4, 2, 1]
+    assert default.steps_per_student_step(0) == 8 and default.steps_per_student_step(1) == 2
 
 
 def test_plain_diffusers_teacher_distils_to_a_student_that_plain_diffusers_samples(teacher, tmp_path):
@@ -137,7 +145,7 @@ class _Interrupt(Exception):
 
 
 def test_resume_across_a_round_is_bit_exact(teacher, tmp_path, monkeypatch):
-    args = ["--checkpointing_steps", "1", "--teacher_steps", "8", "--steps_per_round", "2"]
+    args = ["--checkpointing_steps", "1", "--teacher_steps", "8", "--first_student_steps", "4"]
     straight = tmp_path / "straight"
     run(teacher, straight, *args)
 

@@ -85,15 +85,15 @@ class DistillationArguments(TrainingArguments):
     `--unet_overrides` and the loss options do not apply. `--prediction_type` is the student's."""
 
     method: str = field(default="progressive", metadata={"help": f"one of {', '.join(METHODS)}"})
-    teacher_steps: int = field(default=64, metadata={"help": "DDIM steps of the teacher that the first round distils"})
+    teacher_steps: int = field(default=32, metadata={"help": "DDIM steps of the teacher that the first round distils"})
     first_student_steps: int | None = field(
-        default=8,
+        default=4,
         metadata={"help": "steps of the first round's student (default: half of --teacher_steps, as in the paper); "
                   "each later round halves them"},
     )  # fmt: skip
     student_steps: int = field(default=1, metadata={"help": "steps of the last round's student"})
     steps_per_round: int = field(
-        default=800, metadata={"help": "optimizer steps per halving; more for a better student (the paper: 50k)"}
+        default=400, metadata={"help": "optimizer steps per round; more for a better student (the paper: 50k)"}
     )
     # training's defaults, changed for a student that starts from its teacher
     output_dir: str = field(default="output-distilled", metadata={"help": "where the student, logs and checkpoints go"})
@@ -186,14 +186,13 @@ class Distiller(Trainer):
         device = self.accelerator.device
         self.teacher = _Teacher(copy.deepcopy(pipe.unet).to(device), process)
         self.accelerator.register_for_checkpointing(self.teacher)
-        self.student_process = DDPMScheduler.from_config(
-            process.config, prediction_type=args.prediction_type, thresholding=False, clip_sample=False
-        )
+        self.student_process = DDPMScheduler.from_config(process.config, prediction_type=args.prediction_type)
         self._grids: dict[int, Tensor] = {}
         return pipe.unet, self.student_process
 
     def export_scheduler(self) -> SchedulerMixin:
-        """DDIM on the teacher's betas, trailing timesteps, x unclipped (what the student was trained to step)."""
+        """DDIM on the teacher's betas, with trailing timesteps (the first step at t = T - 1, the last to abar = 1) and
+        the teacher's clipping of x: what `sampling.generate(..., sampler="ddim")` also makes of it."""
         return DDIMScheduler.from_config(
             self.student_process.config, set_alpha_to_one=True, timestep_spacing="trailing", steps_offset=0
         )

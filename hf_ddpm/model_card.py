@@ -103,6 +103,7 @@ def render_model_card(
     hub_dataset = dataset if isinstance(dataset, str) and _HUB_DATASET_ID.match(dataset) else None
     eval_results = [_eval_result(entry, dataset) for entry in evaluations]
     eval_commands, eval_unrecorded = _eval_commands(evaluations, model_id, dataset)
+    distilled = _distillation(config)
 
     card_data = ModelCardData(
         license=LICENSE,
@@ -126,7 +127,9 @@ def render_model_card(
         eval_rows=[_eval_row(entry, dataset) for entry in evaluations],
         eval_commands=eval_commands,
         eval_unrecorded=eval_unrecorded,
-        usage=_usage_snippets(folder, model_id, unet, evaluations),
+        usage=_usage_snippets(folder, model_id, unet, evaluations, distilled),
+        distilled=distilled,
+        steps_rows=_steps_rows(folder, evaluations, distilled) if distilled else [],
         config_yaml=yaml.safe_dump(config, sort_keys=False) if config else None,
     )
     body = str(card) + "\n"
@@ -301,15 +304,51 @@ def _evaluate_command(entry: dict[str, Any], model_id: str, dataset: str | None)
     return shlex.join(["python", "scripts/evaluate.py", model_id, *args])
 
 
+def _distillation(config: dict[str, Any]) -> dict[str, Any] | None:
+    """What the card says of a student of scripts/distill.py (None for a trained model): method, teacher, steps."""
+    if "method" not in config:
+        return None
+    papers = {"progressive": "progressive distillation ([Salimans & Ho 2022](https://arxiv.org/abs/2202.00512))"}
+    return {"method": papers.get(config["method"], config["method"]), "teacher": config.get("teacher"),
+            "steps": config.get("student_steps"), "sampler": "ddim"}  # fmt: skip
+
+
+def _steps_rows(folder: Path, evaluations: list[dict[str, Any]], distilled: dict[str, Any]) -> list[list[str]]:
+    """Rows (student, steps, metric, value, samples) of the measured quality per step count: this folder's
+    entries and those of each round's student in students/<N>-step/, each sampled at its own steps."""
+    rows = []
+    students = sorted((folder / "students").glob("*-step"), key=lambda p: int(p.name.split("-")[0]))
+    for name, entries in [(".", evaluations)] + [
+        (f"students/{p.name}", _read_json(p / "eval_results.json").get("results", [])) for p in students
+    ]:
+        for entry in entries:
+            if entry.get("sampler") == distilled["sampler"] and entry.get("num_inference_steps"):
+                rows.append([f"`{name}`", entry["num_inference_steps"], _metric_label(entry), entry["value"],
+                             f"{entry['num_samples']:,}"])  # fmt: skip
+    return [[_cell(cell) for cell in row] for row in rows]
+
+
 def _usage_snippets(
-    folder: Path, model_id: str, unet: dict[str, Any], evaluations: list[dict[str, Any]]
+    folder: Path,
+    model_id: str,
+    unet: dict[str, Any],
+    evaluations: list[dict[str, Any]],
+    distilled: dict[str, Any] | None = None,
 ) -> list[dict[str, str]]:
     """The card's usage blocks, as {"intro", "code"}: the paper's sampler, then the few-step sampler measured best
     on this model (or hf_ddpm's recommended one), each as code that plain diffusers runs and that draws the
-    images hf_ddpm measured (`hf_ddpm.sampling.usage_snippet`)."""
+    images hf_ddpm measured (`hf_ddpm.sampling.usage_snippet`). A distilled student has one: its own sampler at
+    the steps it was distilled for."""
     from hf_ddpm import sampling  # torch only when a card is rendered, not when hf_ddpm.hub is imported
 
     scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
+    if distilled:
+        setup = (distilled["sampler"], distilled["steps"])
+        return [{
+            "intro": f"{distilled['steps']} UNet call(s) per image, with the DDIM scheduler this folder saves "
+            f"({_sampler_quality(evaluations, setup)}):",
+            "code": sampling.usage_snippet(model_id, scheduler, *setup),
+        }]  # fmt: skip
     blocks = [{
         "intro": "The paper's sampler, 1000 ancestral steps (Algorithm 2 of Ho et al. 2020):",
         "code": sampling.usage_snippet(model_id, scheduler, *_PAPER_SAMPLER),

@@ -24,6 +24,7 @@ from hf_ddpm.distillation import (
     progressive_target,
 )
 from hf_ddpm.errors import ConfigError
+from hf_ddpm.model_card import write_model_card
 from hf_ddpm.pipeline import DDPMPipeline
 from hf_ddpm.presets import build_unet
 from hf_ddpm.sampling import generate
@@ -110,7 +111,7 @@ def test_arguments_refuse_steps_that_do_not_halve_and_set_the_run_length():
     assert [paper.round_steps(r) for r in range(3)] == [8, 4, 2]
     assert [paper.steps_per_student_step(r) for r in range(3)] == [2, 2, 2]
     default = DistillationArguments()
-    assert [default.round_steps(r) for r in range(default.num_rounds)] == [8, 4, 2, 1]
+    assert [default.round_steps(r) for r in range(default.num_rounds)] == [4, 2, 1]
     assert default.steps_per_student_step(0) == 8 and default.steps_per_student_step(1) == 2
 
 
@@ -123,7 +124,15 @@ def test_plain_diffusers_teacher_distils_to_a_student_that_plain_diffusers_sampl
         assert index["_class_name"] == "DDPMPipeline" and index["scheduler"] == ["diffusers", "DDIMScheduler"]
     config = json.loads((out / "scheduler/scheduler_config.json").read_text())
     assert config["prediction_type"] == "v_prediction" and config["timestep_spacing"] == "trailing"
-    assert (out / "README.md").is_file() and (out / "samples.png").is_file()
+    assert (out / "samples.png").is_file()
+    card = (out / "README.md").read_text()
+    assert f"Distilled from the DDPM `{teacher}` by progressive distillation" in card
+    assert "num_inference_steps=1" in card and "DDPMPipeline.from_pretrained" in card
+    entry = {"metric": "digits_fd", "value": 7.5, "sampler": "ddim", "num_inference_steps": 2, "num_samples": 512,
+             "seed": 0}  # fmt: skip
+    (out / "students/2-step/eval_results.json").write_text(json.dumps({"results": [entry]}))
+    write_model_card(out)
+    assert "| `students/2-step` | 2 | FD (digit classifier features) | 7.5 | 512 |" in (out / "README.md").read_text()
     code = """
 import numpy as np, torch
 from diffusers import DDPMPipeline
@@ -131,12 +140,12 @@ pipe = DDPMPipeline.from_pretrained("student")
 assert type(pipe.scheduler).__name__ == "DDIMScheduler"
 seeds = [np.random.SeedSequence((0, i)).generate_state(1, np.uint64)[0] for i in range(3)]
 generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-images = pipe(batch_size=3, generator=generators, num_inference_steps=1, output_type="np").images
+images = pipe(batch_size=3, generator=generators, num_inference_steps=2, output_type="np").images
 np.save("plain.npy", images)
 """
     run_without_hf_ddpm(code, cwd=tmp_path)
     plain = np.load(tmp_path / "plain.npy")
-    ours = generate(DDPMPipeline.from_pretrained(out), 3, sampler="ddim", num_inference_steps=1, progress=False)
+    ours = generate(DDPMPipeline.from_pretrained(out), 3, sampler="ddim", num_inference_steps=2, progress=False)
     assert np.abs(np.round(plain * 255).astype(int) - ours.permute(0, 2, 3, 1).numpy()).max() <= 1
 
 

@@ -14,14 +14,24 @@ as a `UNet2DModel` with a `DDIMScheduler`, so that
 
 samples it in plain diffusers. Each round's student is also exported, to `students/<N>-step/`.
 
-The `Distiller` is a `hf_ddpm.trainer.Trainer` with another model (`build_model`), loss (`batch_losses`) and
-exported scheduler (`export_scheduler`): accelerate, checkpoints, exact resume, logging, previews and the Hub
-are training's own. Only the timesteps differ: the trainer's uniform draw of t in {0..T-1} picks the student's
-grid point, index floor(t N / T).
+Consistency distillation (Song et al. 2023, Algorithm 2): a student f(x, sigma) learns to map every point of the
+teacher's probability-flow ODE trajectory to the same x, by matching f at sigma_{n+1} to its own value (no
+gradient) at sigma_n one teacher DDIM step along the ODE. It is parameterised exactly as diffusers'
+`CMStochasticIterativeScheduler` reads it, f = c_skip(sigma) x + c_out(sigma) F(x / sqrt(sigma^2 + sigma_data^2),
+250 log sigma), so f(x, sigma_min) = x, and is saved as a `ConsistencyModelPipeline`:
+
+    >>> from diffusers import ConsistencyModelPipeline
+    >>> images = ConsistencyModelPipeline.from_pretrained("output-distilled")(num_inference_steps=1).images
+
+Both are a `hf_ddpm.trainer.Trainer` with another model (`build_model`), loss (`batch_losses`) and exported
+pipeline (`export_pipeline`): accelerate, checkpoints, exact resume, logging, previews and the Hub are training's
+own. Only the timesteps differ: the trainer's uniform draw of t in {0..T-1} picks the student's grid point,
+index floor(t N / T).
 
 Notation (the paper's, in discrete time): z_t = alpha_t x + sigma_t eps with alpha_t = sqrt(abar_t),
 sigma_t = sqrt(1 - abar_t), abar_{-1} = 1 (DDIM's `set_alpha_to_one`). One DDIM step from t to s given a
-prediction x^ of x is  z_s = alpha_s x^ + (sigma_s / sigma_t) (z_t - alpha_t x^).
+prediction x^ of x is  z_s = alpha_s x^ + (sigma_s / sigma_t) (z_t - alpha_t x^). The consistency model works in
+the variance-exploding view of the same process, x = z_t / alpha_t with noise level sigma = sigma_t / alpha_t.
 """
 
 from __future__ import annotations
@@ -36,7 +46,13 @@ from typing import Any
 
 import torch
 from accelerate.logging import get_logger
-from diffusers import DDIMScheduler, SchedulerMixin, UNet2DModel
+from diffusers import (
+    CMStochasticIterativeScheduler,
+    ConsistencyModelPipeline,
+    DDIMScheduler,
+    DiffusionPipeline,
+    UNet2DModel,
+)
 from torch import Tensor
 from transformers import HfArgumentParser
 
@@ -44,11 +60,14 @@ from hf_ddpm import checkpointing, distributed
 from hf_ddpm.arguments import parse_into_dataclasses
 from hf_ddpm.errors import ConfigError
 from hf_ddpm.hub import load_pipeline
+from hf_ddpm.pipeline import DDPMPipeline
+from hf_ddpm.sampling import DISTILLED_SAMPLERS
 from hf_ddpm.scheduler import DDPMScheduler
 from hf_ddpm.trainer import Trainer
 from hf_ddpm.training_args import TrainingArguments
 
-METHODS = ("progressive",)
+METHODS = tuple(DISTILLED_SAMPLERS)
+CONSISTENCY_STEPS = 1200  # the default --max_train_steps of --method consistency
 STUDENTS_DIR = "students"
 
 logger = get_logger(__name__)  # accelerate's: logs on the main process only
@@ -101,15 +120,26 @@ class DistillationArguments(TrainingArguments):
     lr_warmup_steps: int = field(default=100, metadata={"help": "linear warm-up, in optimizer steps"})
     ema_max_decay: float = field(default=0.995, metadata={"help": "EMA decay after warm-up (a window per round)"})
     sample_every: int = field(default=0, metadata={"help": "log a sample grid every N steps (0: never)"})
-    preview_sampler: str = field(default="ddim", metadata={"help": "sampler for logged grids and --eval_every"})
-    final_sampler: str = field(default="ddim", metadata={"help": "sampler for samples.png"})
+    preview_sampler: str | None = field(
+        default=None, metadata={"help": "sampler for logged grids and --eval_every (default: the student's own)"}
+    )
+    final_sampler: str | None = field(
+        default=None, metadata={"help": "sampler for samples.png (default: the student's)"}
+    )
+    # consistency distillation
+    num_scales: int = field(default=18, metadata={"help": "consistency: noise levels N of the ODE discretisation"})
+    sigma_data: float = field(default=0.5, metadata={"help": "consistency: data scale of the c_skip/c_out/c_in"})
     teacher: str = field(default="output", metadata={"help": "TEACHER, the first argument"})
     teacher_revision: str | None = field(default=None, metadata={"help": "the teacher's Hub branch, tag or commit"})
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if self.method not in METHODS:
             raise ConfigError(f"--method {self.method!r} is not one of: {', '.join(METHODS)}")
+        self.preview_sampler = self.preview_sampler or DISTILLED_SAMPLERS[self.method]
+        self.final_sampler = self.final_sampler or DISTILLED_SAMPLERS[self.method]
+        super().__post_init__()
+        if self.num_scales < 2:
+            raise ConfigError(f"--num_scales must be at least 2, got {self.num_scales}")
         self.first_student_steps = self.first_student_steps or self.teacher_steps // 2
         for name in ("teacher_steps", "first_student_steps", "student_steps", "steps_per_round"):
             if getattr(self, name) < 1:
@@ -123,7 +153,10 @@ class DistillationArguments(TrainingArguments):
                 )
         if self.timestep_sampler != "uniform":
             raise ConfigError("--timestep_sampler: distillation draws the student's steps uniformly; use uniform")
-        self.max_train_steps = self.num_rounds * self.steps_per_round
+        if self.method == "progressive":
+            self.max_train_steps = self.num_rounds * self.steps_per_round
+        else:
+            self.max_train_steps = self.max_train_steps or CONSISTENCY_STEPS
         self.final_steps = self.final_steps or self.student_steps
         self.preview_steps = self.preview_steps or self.student_steps
 
@@ -190,9 +223,12 @@ class Distiller(Trainer):
         self._grids: dict[int, Tensor] = {}
         return pipe.unet, self.student_process
 
-    def export_scheduler(self) -> SchedulerMixin:
-        """DDIM on the teacher's betas, with trailing timesteps (the first step at t = T - 1, the last to abar = 1) and
-        the teacher's clipping of x: what `sampling.generate(..., sampler="ddim")` also makes of it."""
+    def export_pipeline(self, unet: UNet2DModel) -> DiffusionPipeline:
+        """`unet` with DDIM on the teacher's betas, trailing timesteps (the first step at t = T - 1, the last to
+        abar = 1) and the teacher's clipping of x: what `sampling.generate(..., sampler="ddim")` makes of it too."""
+        return DDPMPipeline(unet=unet, scheduler=self._ddim())
+
+    def _ddim(self) -> DDIMScheduler:
         return DDIMScheduler.from_config(
             self.student_process.config, set_alpha_to_one=True, timestep_spacing="trailing", steps_offset=0
         )
@@ -200,7 +236,7 @@ class Distiller(Trainer):
     def _grid(self, steps: int) -> Tensor:
         """(steps,) timesteps of the exported DDIM scheduler at `steps` steps, as plain diffusers samples them."""
         if steps not in self._grids:
-            scheduler = self.export_scheduler()
+            scheduler = self._ddim()
             scheduler.set_timesteps(steps)
             self._grids[steps] = scheduler.timesteps.to(self.accelerator.device)
         return self._grids[steps]
@@ -255,6 +291,79 @@ class Distiller(Trainer):
         return grad_norm
 
 
+class ConsistencyDistiller(Distiller):
+    """Consistency distillation, Song et al. (2023) Algorithm 2, with the target network the student itself
+    without gradient (mu = 0, as in Song & Dhariwal 2023), the teacher's ODE step DDIM (Euler in sigma) and an L2
+    distance."""
+
+    def build_model(self) -> tuple[UNet2DModel, DDPMScheduler]:
+        """The student and the teacher as progressive distillation has them; the noise levels: the teacher's range,
+        sigma_min at t = 0 to sigma_max at t = T - 1, in diffusers' Karras spacing."""
+        unet, process = super().build_model()
+        abar = process.tables.alphas_cumprod
+        self.log_sigmas = ((1 - abar) / abar).sqrt().log()  # increasing in t, float64
+        # float32 values: the scheduler's last step adds noise of std sqrt(sigma_next^2 - sigma_min^2) with
+        # sigma_next = float32(sigma_min), which is NaN if rounding made it smaller than the config's sigma_min
+        sigma_min, sigma_max = self.log_sigmas[[0, -1]].exp().float().tolist()
+        self.consistency = CMStochasticIterativeScheduler(
+            num_train_timesteps=self.args.num_scales, sigma_min=sigma_min, sigma_max=sigma_max,
+            sigma_data=self.args.sigma_data,
+        )  # fmt: skip
+        return unet, process
+
+    def export_pipeline(self, unet: UNet2DModel) -> DiffusionPipeline:
+        return ConsistencyModelPipeline(unet=unet, scheduler=CMStochasticIterativeScheduler.from_config(
+            self.consistency.config))  # fmt: skip
+
+    def step(self) -> Tensor | None:
+        return Trainer.step(self)  # no rounds
+
+    def teacher_denoise(self, x: Tensor, sigma: Tensor) -> Tensor:
+        """The teacher's x^ at the variance-exploding point (x, sigma): its network at z = alpha x, alpha =
+        1 / sqrt(1 + sigma^2), and the (fractional) timestep whose sigma_t / alpha_t is sigma (log-sigma linear
+        between the table's), clipped where the teacher's sampling clips."""
+        alpha = (1 + sigma.square()).rsqrt().view(-1, *([1] * (x.ndim - 1)))
+        log_sigmas = self.log_sigmas.to(x.device)
+        upper = torch.searchsorted(log_sigmas, sigma.log()).clamp(1, len(log_sigmas) - 1)
+        below = log_sigmas[upper - 1]
+        t = (upper - 1 + (sigma.log() - below) / (log_sigmas[upper] - below)).clamp(0, len(log_sigmas) - 1)
+        z = (alpha * x).float()
+        with torch.no_grad():
+            output = self.teacher.unet(z, t.float()).sample.double()
+        abar, config = alpha.square(), self.teacher.process.config
+        x0 = {
+            "epsilon": lambda: (z - (1 - abar).sqrt() * output) / alpha,
+            "v_prediction": lambda: alpha * z - (1 - abar).sqrt() * output,
+            "sample": lambda: output,
+        }[config.prediction_type]()
+        return x0.clamp(-1, 1) if config.thresholding or config.clip_sample else x0
+
+    def batch_losses(self, x0: Tensor, timesteps: Tensor, noise: Tensor, xt: Tensor) -> Tensor:
+        """|| f(x_{n+1}, sigma_{n+1}) - f^-(x^_n, sigma_n) ||^2 per image: x_{n+1} = x + sigma_{n+1} eps, x^_n one
+        teacher DDIM step x^_n = D + (sigma_n / sigma_{n+1}) (x_{n+1} - D) down the ODE, f^- without gradient."""
+        sigmas = self.consistency.sigmas.to(x0.device, torch.float64)  # sigma_max ... sigma_min, num_scales of them
+        index = timesteps.to(x0.device) * (len(sigmas) - 1) // self.args.num_train_timesteps
+        high, low = sigmas[index], sigmas[index + 1]
+        x_high = x0 + high.view(-1, 1, 1, 1) * noise
+        denoised = self.teacher_denoise(x_high, high)
+        x_low = denoised + (low / high).view(-1, 1, 1, 1) * (x_high - denoised)
+        with torch.no_grad():
+            target = consistency_function(self.unet, self.consistency, x_low.float(), low)
+        return (consistency_function(self.model, self.consistency, x_high.float(), high) - target).square().flatten(
+            1).mean(1)  # fmt: skip
+
+
+def consistency_function(
+    unet: torch.nn.Module, scheduler: CMStochasticIterativeScheduler, x: Tensor, sigma: Tensor
+) -> Tensor:
+    """f(x, sigma) = c_skip x + c_out F(c_in x, 250 log sigma), as diffusers' `ConsistencyModelPipeline` and
+    `CMStochasticIterativeScheduler` compute it (c_skip(sigma_min) = 1, c_out(sigma_min) = 0: f(x, sigma_min) = x)."""
+    c_skip, c_out = (c.view(-1, 1, 1, 1).to(x.dtype) for c in scheduler.get_scalings_for_boundary_condition(sigma))
+    c_in = (sigma.square() + scheduler.config.sigma_data**2).rsqrt().view(-1, 1, 1, 1).to(x.dtype)
+    t = 1000 * 0.25 * torch.log(sigma + 1e-44)  # `CMStochasticIterativeScheduler.sigma_to_t`
+    return c_skip * x + c_out * unet(c_in * x, t).sample
+
+
 def distill(args: DistillationArguments) -> dict[str, Any]:
     """Distil as `args` says; what `accelerate launch scripts/distill.py` runs."""
-    return Distiller(args).train()
+    return {"progressive": Distiller, "consistency": ConsistencyDistiller}[args.method](args).train()

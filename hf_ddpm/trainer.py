@@ -33,7 +33,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers import SchedulerMixin, UNet2DModel
+from diffusers import DiffusionPipeline, UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch.profiler import record_function
@@ -455,9 +455,10 @@ class Trainer:
             vlb_lambda=args.vlb_lambda,
         )
 
-    def export_scheduler(self) -> SchedulerMixin:
-        """The scheduler of the exported pipeline: the run's forward process, which every sampler starts from."""
-        return DDPMScheduler.from_config(self.noise_scheduler.config)
+    def export_pipeline(self, unet: UNet2DModel) -> DiffusionPipeline:
+        """The pipeline that is exported and sampled from, around `unet`: a DDPM pipeline whose scheduler is the
+        run's forward process, which every sampler starts from."""
+        return DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(self.noise_scheduler.config))
 
     def _micro_step(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forward and backward on this process's share of micro-batch `micro_step`; steps the optimizer on sync."""
@@ -479,7 +480,7 @@ class Trainer:
             self.timestep_sampler.update(*accelerator.gather((timesteps, losses.detach())))
         return loss, grad_norm
 
-    def _ema_pipeline(self) -> DDPMPipeline:
+    def _ema_pipeline(self) -> DiffusionPipeline:
         """A pipeline on a copy of the weights that are exported and sampled from: the EMA ones when EMA is on."""
         copy = UNet2DModel.from_config(self.unet.config).to(self.accelerator.device)
         if self.ema is None:
@@ -487,7 +488,7 @@ class Trainer:
         else:
             self.ema.copy_to(copy.parameters())
         copy.eval()
-        pipe = DDPMPipeline(unet=copy, scheduler=self.export_scheduler())
+        pipe = self.export_pipeline(copy)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

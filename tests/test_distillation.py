@@ -17,13 +17,16 @@ from safetensors.torch import load_file
 
 from hf_ddpm import checkpointing
 from hf_ddpm.distillation import (
+    ConsistencyDistiller,
     DistillationArguments,
+    consistency_function,
     ddim_step,
     distill,
     parse_distillation_args,
     progressive_target,
 )
 from hf_ddpm.errors import ConfigError
+from hf_ddpm.hub import load_pipeline
 from hf_ddpm.model_card import write_model_card
 from hf_ddpm.pipeline import DDPMPipeline
 from hf_ddpm.presets import build_unet
@@ -179,3 +182,56 @@ def test_resume_across_a_round_is_bit_exact(teacher, tmp_path, monkeypatch):
         name = "model.safetensors" if folder.startswith("checkpoints") else "unet/diffusion_pytorch_model.safetensors"
         a, b = load_file(straight / folder / name), load_file(resumed / folder / name)
         assert all(torch.equal(a[k], b[k]) for k in a), f"{folder or 'export'} differs after resume"
+
+
+def test_consistency_function_is_x_at_sigma_min_and_what_diffusers_pipeline_samples():
+    torch.manual_seed(0)
+    unet = build_unet("tiny-8").eval()
+    scheduler = diffusers.CMStochasticIterativeScheduler(num_train_timesteps=18, sigma_min=0.01, sigma_max=150.0)
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(consistency_function(unet, scheduler, x, torch.full((3,), 0.01, dtype=torch.float64)), x)
+        pipe = diffusers.ConsistencyModelPipeline(unet=unet, scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        generator = torch.Generator().manual_seed(2)
+        sampled = pipe(batch_size=3, num_inference_steps=1, generator=generator, output_type="np").images
+        noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+        sigma = torch.full((3,), 150.0, dtype=torch.float64)
+        ours = consistency_function(unet, scheduler, noise * 150.0, sigma).clamp(-1, 1) / 2 + 0.5
+    np.testing.assert_allclose(ours.permute(0, 2, 3, 1).numpy(), sampled, atol=1e-5)
+
+
+def test_consistency_teacher_reads_the_ddpm_at_the_timestep_of_each_noise_level(teacher, tmp_path):
+    distiller = ConsistencyDistiller(parse_distillation_args([str(teacher), *FAST, "--output_dir", str(tmp_path)]))
+    process = distiller.teacher.process
+    abar = process.tables.alphas_cumprod
+    t = torch.tensor([0, 10, 500, 999])
+    z = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    sigma = ((1 - abar[t]) / abar[t]).sqrt()
+    x0 = distiller.teacher_denoise(z.double() / abar[t].sqrt().view(-1, 1, 1, 1), sigma)
+    torch.testing.assert_close(x0.float(), distiller.teacher.predict_x0(z, t), atol=1e-4, rtol=1e-4)
+
+
+def test_consistency_student_is_a_consistency_model_pipeline_that_plain_diffusers_samples(teacher, tmp_path):
+    out = tmp_path / "student"
+    assert (
+        run(teacher, out, "--method", "consistency", "--max_train_steps", "3", "--num_scales", "6")["global_step"] == 3
+    )
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "ConsistencyModelPipeline"
+    assert index["scheduler"] == ["diffusers", "CMStochasticIterativeScheduler"]
+    card = (out / "README.md").read_text()
+    assert "consistency distillation" in card and "ConsistencyModelPipeline.from_pretrained" in card
+    code = """
+import numpy as np, torch
+from diffusers import ConsistencyModelPipeline
+pipe = ConsistencyModelPipeline.from_pretrained("student")
+seeds = [np.random.SeedSequence((0, i)).generate_state(1, np.uint64)[0] for i in range(3)]
+generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+np.save("plain.npy", pipe(batch_size=3, generator=generators, num_inference_steps=2, output_type="np").images)
+"""
+    run_without_hf_ddpm(code, cwd=tmp_path)
+    plain = np.load(tmp_path / "plain.npy")
+    assert np.isfinite(plain).all()
+    ours = generate(load_pipeline(str(out)), 3, sampler="consistency", num_inference_steps=2, progress=False)
+    assert np.abs(np.round(plain * 255).astype(int) - ours.permute(0, 2, 3, 1).numpy()).max() <= 1

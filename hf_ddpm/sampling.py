@@ -108,8 +108,10 @@ SAMPLERS: dict[str, Sampler] = {
         False,
         "Euler ancestral (Karras et al. 2022); needs init_noise_sigma and scale_model_input",
     ),
-    # For consistency models only (scripts/distill.py --method consistency), whose scheduler config it reads;
-    # plain diffusers runs it in ConsistencyModelPipeline, which scales the noise and the UNet input as ours does.
+}
+# Samplers of distilled students only, which read the student's own scheduler config: not for a DDPM. Plain
+# diffusers runs "consistency" in ConsistencyModelPipeline, which scales the noise and the UNet input as ours does.
+STUDENT_SAMPLERS: dict[str, Sampler] = {
     "consistency": Sampler(
         CMStochasticIterativeScheduler,
         1,
@@ -118,6 +120,7 @@ SAMPLERS: dict[str, Sampler] = {
         "consistency-model sampling (Song et al. 2023): one step, or a few with fresh noise in between",
     ),
 }
+ALL_SAMPLERS = {**SAMPLERS, **STUDENT_SAMPLERS}
 RECOMMENDED_SAMPLER = "sde-dpmsolver++"
 # The sampler of a student of scripts/distill.py, by --method: the scheduler its folder saves
 DISTILLED_SAMPLERS = {"progressive": "ddim", "consistency": "consistency"}
@@ -125,9 +128,9 @@ DISTILLED_SAMPLERS = {"progressive": "ddim", "consistency": "consistency"}
 
 def get_sampler(name: str) -> Sampler:
     """The sampler called `name`; an unknown name raises a ConfigError that lists the valid ones."""
-    if name not in SAMPLERS:
-        raise ConfigError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS)}")
-    return SAMPLERS[name]
+    if name not in ALL_SAMPLERS:
+        raise ConfigError(f"unknown sampler {name!r}; valid samplers: {', '.join(ALL_SAMPLERS)}")
+    return ALL_SAMPLERS[name]
 
 
 def default_steps(name: str) -> int:

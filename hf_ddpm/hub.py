@@ -59,8 +59,6 @@ TOKEN_HINT = "pass --hub_token, set HF_TOKEN or run `hf auth login`"
 RETRY_WAIT_S = 1.0  # first backoff delay; doubles after each failed attempt
 MAX_RETRIES = 5  # retries of each step of a push
 _MAX_WAIT_S = 30.0
-# the pipelines load_pipeline loads: a DDPM, and a consistency model distilled from one (both a unet and a scheduler)
-PIPELINES = ("DDPMPipeline", "ConsistencyModelPipeline")
 _TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{20,}")
 _T = TypeVar("_T")
 _WHOAMI = "asking the Hub whose token this is"
@@ -385,6 +383,10 @@ def _push_error_message(err: BaseException, repo_id: str, token: str | None) -> 
     if status == 403:
         return f"the token cannot write to {repo_id} (403): {TOKEN_HINT} with a token that has write access to it"
     return f"pushing to {repo_id} failed: {redact(one_line(err), token)}"
+
+
+# the pipelines load_pipeline loads: a DDPM, and a consistency model distilled from one (both a unet and a scheduler)
+PIPELINES = ("DDPMPipeline", "ConsistencyModelPipeline")
 
 
 def _check_ddpm_index(

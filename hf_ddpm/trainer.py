@@ -28,7 +28,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import diffusers
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -36,6 +35,7 @@ from accelerate.tracking import GeneralTracker
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
+from diffusers.pipelines import DiffusionPipeline
 from diffusers.training_utils import EMAModel
 from torch.profiler import record_function
 from tqdm.auto import tqdm
@@ -456,7 +456,7 @@ class Trainer:
             vlb_lambda=args.vlb_lambda,
         )
 
-    def export_pipeline(self, unet: UNet2DModel) -> diffusers.DiffusionPipeline:
+    def export_pipeline(self, unet: UNet2DModel) -> DiffusionPipeline:
         """The pipeline that is exported and sampled from, around `unet`: a DDPM pipeline whose scheduler is the
         run's forward process, which every sampler starts from."""
         return DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(self.noise_scheduler.config))
@@ -481,7 +481,7 @@ class Trainer:
             self.timestep_sampler.update(*accelerator.gather((timesteps, losses.detach())))
         return loss, grad_norm
 
-    def _ema_pipeline(self) -> diffusers.DiffusionPipeline:
+    def _ema_pipeline(self) -> DiffusionPipeline:
         """A pipeline on a copy of the weights that are exported and sampled from: the EMA ones when EMA is on."""
         copy = UNet2DModel.from_config(self.unet.config).to(self.accelerator.device)
         if self.ema is None:

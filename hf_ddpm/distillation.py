@@ -4,7 +4,9 @@
 
 Progressive distillation (Salimans & Ho 2022, Algorithm 2): a student, initialised from the teacher, learns to
 take in one DDIM step what the teacher takes in two; the student becomes the next round's teacher, so each round
-halves the steps (`--teacher_steps` 16: students of 8, 4, 2 and 1 steps). The student predicts v (the paper's
+halves the steps. Here the first round may distil more teacher steps per student step (by default 32 teacher DDIM
+steps into a 4-step student, then students of 2 and 1 steps), which keeps the teacher's 32-step quality as the
+target for fewer rounds. The student predicts v (the paper's
 choice: stable down to one step, where an epsilon prediction is divided by sqrt(abar_T) ~ 0.006) and is saved
 as a `UNet2DModel` with a `DDIMScheduler`, so that
 
@@ -256,8 +258,9 @@ class Distiller(Trainer):
         else:
             self.teacher.unet.load_state_dict(self.unet.state_dict())
         self.teacher.process, self.teacher.round = self.student_process, round_index
-        logger.info("round %d: %d -> %d steps", round_index + 1, 2 * self.args.round_steps(round_index),
-                    self.args.round_steps(round_index))  # fmt: skip
+        steps = self.args.round_steps(round_index)
+        logger.info("round %d: %d -> %d steps", round_index + 1, steps * self.args.steps_per_student_step(round_index),
+                    steps)  # fmt: skip
 
     def batch_losses(self, x0: Tensor, timesteps: Tensor, noise: Tensor, xt: Tensor) -> Tensor:
         """max(SNR_t, 1) ||x~ - x^_student(z_t)||^2 per image (the paper's truncated-SNR weighting), z_t at the

@@ -409,10 +409,14 @@ def _push_error_message(err: BaseException, repo_id: str, token: str | None) -> 
     return f"pushing to {repo_id} failed: {redact(one_line(err), token)}"
 
 
+# the pipelines load_pipeline loads: a DDPM, and a consistency model distilled from one (both a unet and a scheduler)
+PIPELINES = ("DDPMPipeline", "ConsistencyModelPipeline")
+
+
 def _check_ddpm_index(
     source: str, revision: str | None, token: str | None, cache_dir: str | None, local_files_only: bool
 ) -> None:
-    """Raise HubError unless `source`'s model_index.json describes a DDPMPipeline with a unet and a scheduler."""
+    """Raise HubError unless `source`'s model_index.json describes one of `PIPELINES` with a unet and a scheduler."""
     if Path(source).is_dir():
         index_path = Path(source) / "model_index.json"
         if not index_path.is_file():
@@ -433,7 +437,7 @@ def _check_ddpm_index(
             raise HubError(f"{source} is not a DDPM pipeline: the repo has no model_index.json") from err
     index = json.loads(index_path.read_text(encoding="utf-8"))
     components = [name for name in ("unet", "scheduler") if (index.get(name) or [None])[-1]]
-    if index.get("_class_name") != "DDPMPipeline" or len(components) < 2:
+    if index.get("_class_name") not in PIPELINES or len(components) < 2:
         raise HubError(
             f"{source} is not a DDPM pipeline: its model_index.json describes {index.get('_class_name')!r} with "
             f"components {sorted(k for k in index if not k.startswith('_'))}; a DDPMPipeline with a unet and a "

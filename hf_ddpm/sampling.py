@@ -31,6 +31,7 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import (
+    CMStochasticIterativeScheduler,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
@@ -108,14 +109,28 @@ SAMPLERS: dict[str, Sampler] = {
         "Euler ancestral (Karras et al. 2022); needs init_noise_sigma and scale_model_input",
     ),
 }
+# Samplers of distilled students only, which read the student's own scheduler config: not for a DDPM. Plain
+# diffusers runs "consistency" in ConsistencyModelPipeline, which scales the noise and the UNet input as ours does.
+STUDENT_SAMPLERS: dict[str, Sampler] = {
+    "consistency": Sampler(
+        CMStochasticIterativeScheduler,
+        1,
+        {},
+        False,
+        "consistency-model sampling (Song et al. 2023): one step, or a few with fresh noise in between",
+    ),
+}
+ALL_SAMPLERS = {**SAMPLERS, **STUDENT_SAMPLERS}
 RECOMMENDED_SAMPLER = "sde-dpmsolver++"
+# The sampler of a student of scripts/distill.py, by --method: the scheduler its folder saves
+DISTILLED_SAMPLERS = {"progressive": "ddim", "consistency": "consistency"}
 
 
 def get_sampler(name: str) -> Sampler:
     """The sampler called `name`; an unknown name raises a ConfigError that lists the valid ones."""
-    if name not in SAMPLERS:
-        raise ConfigError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS)}")
-    return SAMPLERS[name]
+    if name not in ALL_SAMPLERS:
+        raise ConfigError(f"unknown sampler {name!r}; valid samplers: {', '.join(ALL_SAMPLERS)}")
+    return ALL_SAMPLERS[name]
 
 
 def default_steps(name: str) -> int:
@@ -182,7 +197,8 @@ def usage_snippet(
     model: str, scheduler_config: Any, sampler: str, num_inference_steps: int, num_images: int = 16, seed: int = 0
 ) -> str:
     """Python that draws images 0..num_images-1 of `generate(pipe, ..., sampler, num_inference_steps, seed)`
-    with plain diffusers only (the caller checks `runs_in_plain_diffusers` first)."""
+    with plain diffusers only (the caller checks `runs_in_plain_diffusers` first; "consistency": a consistency
+    model, in diffusers' ConsistencyModelPipeline)."""
     lines = [
         "import numpy as np",
         "import torch",
@@ -190,8 +206,10 @@ def usage_snippet(
     klass = get_sampler(sampler).scheduler_class.__name__
     settings = scheduler_settings(sampler, scheduler_config)
     swap = klass != "DDPMScheduler" or settings
-    lines.append(f"from diffusers import DDPMPipeline{', ' + klass if swap else ''}")
-    lines += ["", f"pipe = DDPMPipeline.from_pretrained({_literal(model)})"]
+    pipeline = "ConsistencyModelPipeline" if sampler == "consistency" else "DDPMPipeline"
+    swap = swap and pipeline == "DDPMPipeline"
+    lines.append(f"from diffusers import {pipeline}{', ' + klass if swap else ''}")
+    lines += ["", f"pipe = {pipeline}.from_pretrained({_literal(model)})"]
     if swap:
         arguments = "".join(f", {key}={_literal(value)}" for key, value in settings.items())
         lines.append(f"pipe.scheduler = {klass}.from_config(pipe.scheduler.config{arguments})")

@@ -42,6 +42,7 @@ from accelerate.tracking import GeneralTracker
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
+from diffusers.pipelines import DiffusionPipeline
 from diffusers.training_utils import EMAModel
 from torch.profiler import record_function
 from tqdm.auto import tqdm
@@ -239,8 +240,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         set_seed(args.seed)  # identical initial weights on every process
 
-        self.unet = build_model(args)
-        self.noise_scheduler = make_noise_scheduler(args)
+        self.unet, self.noise_scheduler = self.build_model()
         self.timestep_sampler = create_timestep_sampler(args.timestep_sampler, args.num_train_timesteps)
         self.world = distributed.world_size(self.accelerator)
         self.global_micro_batch = args.train_batch_size * self.world
@@ -591,6 +591,31 @@ class Trainer:
             self.model(xt, timesteps).sample.float().mean().backward()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def build_model(self) -> tuple[UNet2DModel, DDPMScheduler]:
+        """The network to train and the forward process of the run (`hf_ddpm.distillation.Distiller`: a student)."""
+        return build_model(self.args), make_noise_scheduler(self.args)
+
+    def batch_losses(
+        self, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, xt: torch.Tensor
+    ) -> torch.Tensor:
+        """The per-image losses of one micro-batch, through `self.model` (Ho et al.'s L_simple and its variants)."""
+        args = self.args
+        model_output = self.model(xt, timesteps).sample
+        return self.noise_scheduler.training_loss(
+            model_output.float(),
+            x0,
+            noise,
+            timesteps,
+            loss_weighting=args.loss_weighting,
+            snr_gamma=args.snr_gamma,
+            vlb_lambda=args.vlb_lambda,
+        )
+
+    def export_pipeline(self, unet: UNet2DModel) -> DiffusionPipeline:
+        """The pipeline that is exported and sampled from, around `unet`: a DDPM pipeline whose scheduler is the
+        run's forward process, which every sampler starts from."""
+        return DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(self.noise_scheduler.config))
+
     def _micro_step(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forward and backward on this process's share of micro-batch `micro_step`; steps the optimizer on sync."""
         args, accelerator = self.args, self.accelerator
@@ -598,16 +623,7 @@ class Trainer:
         grad_norm = None
         with accelerator.accumulate(self.model):
             with record_function("forward_backward"):
-                model_output = self.model(xt, timesteps).sample
-                losses = self.noise_scheduler.training_loss(
-                    model_output.float(),
-                    x0,
-                    noise,
-                    timesteps,
-                    loss_weighting=args.loss_weighting,
-                    snr_gamma=args.snr_gamma,
-                    vlb_lambda=args.vlb_lambda,
-                )
+                losses = self.batch_losses(x0, timesteps, noise, xt)
                 loss = (losses * weights).mean()
                 accelerator.backward(loss)
             with record_function("optimizer"):
@@ -620,7 +636,7 @@ class Trainer:
             self.timestep_sampler.update(*accelerator.gather((timesteps, losses.detach())))
         return loss, grad_norm
 
-    def _ema_pipeline(self) -> DDPMPipeline:
+    def _ema_pipeline(self) -> DiffusionPipeline:
         """A pipeline on a copy of the weights that are exported and sampled from: the EMA ones when EMA is on."""
         copy = UNet2DModel.from_config(self.unet.config).to(self.accelerator.device)
         if self.ema is None:
@@ -628,7 +644,7 @@ class Trainer:
         else:
             self.ema.copy_to(copy.parameters())
         copy.eval()
-        pipe = DDPMPipeline(unet=copy, scheduler=DDPMScheduler.from_config(self.noise_scheduler.config))
+        pipe = self.export_pipeline(copy)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

@@ -33,7 +33,7 @@ from hf_ddpm.errors import ConfigError
 from hf_ddpm.hub import check_repo_id
 from hf_ddpm.posthoc_ema import parse_sigma_rels
 from hf_ddpm.presets import get_preset, list_presets
-from hf_ddpm.sampling import RECOMMENDED_SAMPLER, SAMPLERS
+from hf_ddpm.sampling import ALL_SAMPLERS, RECOMMENDED_SAMPLER
 from hf_ddpm.scheduler import LOSS_WEIGHTINGS, PREDICTION_TYPES, VARIANCE_TYPES
 from hf_ddpm.timestep_samplers import TIMESTEP_SAMPLERS
 
@@ -216,8 +216,8 @@ class TrainingArguments(DataArguments):
             "timestep_sampler": tuple(TIMESTEP_SAMPLERS),
             "lr_scheduler": tuple(s.value for s in SchedulerType),
             "mixed_precision": (None, "no", "fp16", "bf16"),
-            "preview_sampler": SAMPLERS,
-            "final_sampler": SAMPLERS,
+            "preview_sampler": ALL_SAMPLERS,
+            "final_sampler": ALL_SAMPLERS,
             "report_to": ("tensorboard", "wandb", "all", "none"),
         }
         for name, valid in choices.items():

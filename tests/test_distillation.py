@@ -1,0 +1,237 @@
+"""Distillation: the progressive target against closed forms and diffusers' DDIM, runs end to end on a tiny
+teacher (an hf_ddpm run and one saved by plain diffusers), exact resume across a round, and the student sampled
+by plain diffusers without hf_ddpm."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from conftest import run_without_hf_ddpm
+from safetensors.torch import load_file
+
+from hf_ddpm import checkpointing
+from hf_ddpm.distillation import (
+    ConsistencyDistiller,
+    DistillationArguments,
+    consistency_function,
+    ddim_step,
+    distill,
+    parse_distillation_args,
+    progressive_target,
+)
+from hf_ddpm.errors import ConfigError
+from hf_ddpm.hub import load_pipeline
+from hf_ddpm.model_card import write_model_card
+from hf_ddpm.pipeline import DDPMPipeline
+from hf_ddpm.presets import build_unet
+from hf_ddpm.sampling import generate
+
+FAST = ["--train_batch_size", "8", "--logging_steps", "2", "--num_final_images", "4", "--max_train_samples", "64",
+        "--report_to", "none", "--teacher_steps", "8", "--first_student_steps", "2", "--steps_per_round", "2",
+        "--lr_warmup_steps", "1"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    """A tiny-8 DDPM saved by plain diffusers only: no training_summary.json, no hf_ddpm classes."""
+    folder = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(0)
+    unet = build_unet("tiny-8")
+    with torch.no_grad():  # a non-trivial network
+        for p in unet.conv_out.parameters():
+            p.normal_(0, 0.1)
+    scheduler = diffusers.DDPMScheduler(timestep_spacing="trailing", thresholding=True, sample_max_value=1.0)
+    diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder)
+    return folder
+
+
+def run(teacher: Path, out: Path, *extra: str) -> dict:
+    return distill(parse_distillation_args([str(teacher), *FAST, "--output_dir", str(out), *extra]))
+
+
+def abar_of(alphas_cumprod: torch.Tensor):
+    return lambda t: torch.where(t >= 0, alphas_cumprod[t.clamp(min=0)], torch.ones(())).view(-1, 1)
+
+
+def test_ddim_step_is_diffusers_ddim_with_the_clipped_prediction():
+    scheduler = diffusers.DDIMScheduler(clip_sample=True, set_alpha_to_one=True, timestep_spacing="trailing")
+    scheduler.set_timesteps(4)
+    abar = abar_of(scheduler.alphas_cumprod.double())
+    generator = torch.Generator().manual_seed(0)
+    z, eps = torch.randn(3, 5, generator=generator, dtype=torch.float64), torch.randn(3, 5, generator=generator)
+    for t in scheduler.timesteps.tolist():
+        s = t - 1000 // 4
+        expected = scheduler.step(eps.double(), t, z, use_clipped_model_output=True).prev_sample
+        tt = torch.full((3,), t)
+        x0 = ((z - (1 - abar(tt)).sqrt() * eps) / abar(tt).sqrt()).clamp(-1, 1)
+        torch.testing.assert_close(ddim_step(x0, z, abar(tt), abar(torch.full((3,), s))), expected)
+
+
+@pytest.mark.parametrize("times", [(999, 499, -1), (749, 624, 499), (400, 390, 380), (124, 109, 94, 79, -1)])
+def test_progressive_target_is_the_teacher_ddim_steps_on_a_linear_toy(times):
+    """Gaussian data x ~ N(0, s^2): the ideal teacher is linear, x^(z, t) = c_t z with c_t = alpha s^2 / (alpha^2
+    s^2 + sigma^2), so each DDIM step t -> u scales z by k(t, u) and the target is (prod k - r) / (alpha'' - r alpha)
+    z_t, r = sigma''/sigma; one DDIM step from z_t with the target lands where the teacher's steps did."""
+    alphas_cumprod = diffusers.DDPMScheduler().alphas_cumprod.double()
+    abar = abar_of(alphas_cumprod)
+    s2 = 0.3
+
+    def a(u):
+        return 1.0 if u < 0 else alphas_cumprod[u].item()
+
+    def c(u):
+        return a(u) ** 0.5 * s2 / (a(u) * s2 + 1 - a(u))
+
+    def k(u, v):  # z_v / z_u for one DDIM step of the linear teacher
+        r = ((1 - a(v)) / (1 - a(u))) ** 0.5
+        return a(v) ** 0.5 * c(u) + r * (1 - a(u) ** 0.5 * c(u))
+
+    zt = torch.randn(4, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    target = progressive_target(lambda z, u: c(u[0].item()) * z, zt, [torch.full((4,), u) for u in times], abar)
+    scale = np.prod([k(u, v) for u, v in itertools.pairwise(times)])
+    t, t_next = times[0], times[-1]
+    r = ((1 - a(t_next)) / (1 - a(t))) ** 0.5
+    torch.testing.assert_close(target, (scale - r) / (a(t_next) ** 0.5 - r * a(t) ** 0.5) * zt)
+    one_step = ddim_step(target, zt, abar(torch.full((4,), t)), abar(torch.full((4,), t_next)))
+    torch.testing.assert_close(one_step, scale * zt)
+
+
+def test_arguments_refuse_steps_that_do_not_halve_and_set_the_run_length():
+    with pytest.raises(ConfigError, match="power of 2"):
+        DistillationArguments(teacher_steps=12, first_student_steps=None, student_steps=1)
+    with pytest.raises(ConfigError, match="power of 2"):
+        DistillationArguments(teacher_steps=64, first_student_steps=6)
+    with pytest.raises(ConfigError, match="--method"):
+        DistillationArguments(method="gan")
+    paper = DistillationArguments(teacher_steps=16, first_student_steps=None, student_steps=2, steps_per_round=10)
+    assert paper.num_rounds == 3 and paper.max_train_steps == 30 and paper.final_steps == 2
+    assert [paper.round_steps(r) for r in range(3)] == [8, 4, 2]
+    assert [paper.steps_per_student_step(r) for r in range(3)] == [2, 2, 2]
+    default = DistillationArguments()
+    assert [default.round_steps(r) for r in range(default.num_rounds)] == [4, 2, 1]
+    assert default.steps_per_student_step(0) == 8 and default.steps_per_student_step(1) == 2
+
+
+def test_plain_diffusers_teacher_distils_to_a_student_that_plain_diffusers_samples(teacher, tmp_path):
+    out = tmp_path / "student"
+    results = run(teacher, out)
+    assert results["global_step"] == 4
+    for folder in (out, out / "students" / "2-step", out / "students" / "1-step"):
+        index = json.loads((folder / "model_index.json").read_text())
+        assert index["_class_name"] == "DDPMPipeline" and index["scheduler"] == ["diffusers", "DDIMScheduler"]
+    config = json.loads((out / "scheduler/scheduler_config.json").read_text())
+    assert config["prediction_type"] == "v_prediction" and config["timestep_spacing"] == "trailing"
+    assert (out / "samples.png").is_file()
+    card = (out / "README.md").read_text()
+    assert f"Distilled from the DDPM `{teacher}` by progressive distillation" in card
+    assert "num_inference_steps=1" in card and "DDPMPipeline.from_pretrained" in card
+    entry = {"metric": "digits_fd", "value": 7.5, "sampler": "ddim", "num_inference_steps": 2, "num_samples": 512,
+             "seed": 0}  # fmt: skip
+    (out / "students/2-step/eval_results.json").write_text(json.dumps({"results": [entry]}))
+    write_model_card(out)
+    assert "| `students/2-step` | 2 | FD (digit classifier features) | 7.5 | 512 |" in (out / "README.md").read_text()
+    code = """
+import numpy as np, torch
+from diffusers import DDPMPipeline
+pipe = DDPMPipeline.from_pretrained("student")
+assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+seeds = [np.random.SeedSequence((0, i)).generate_state(1, np.uint64)[0] for i in range(3)]
+generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+images = pipe(batch_size=3, generator=generators, num_inference_steps=2, output_type="np").images
+np.save("plain.npy", images)
+"""
+    run_without_hf_ddpm(code, cwd=tmp_path)
+    plain = np.load(tmp_path / "plain.npy")
+    ours = generate(DDPMPipeline.from_pretrained(out), 3, sampler="ddim", num_inference_steps=2, progress=False)
+    assert np.abs(np.round(plain * 255).astype(int) - ours.permute(0, 2, 3, 1).numpy()).max() <= 1
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_across_a_round_is_bit_exact(teacher, tmp_path, monkeypatch):
+    args = ["--checkpointing_steps", "1", "--teacher_steps", "8", "--first_student_steps", "4"]
+    straight = tmp_path / "straight"
+    run(teacher, straight, *args)
+
+    real_save = checkpointing.save_checkpoint
+
+    def save_then_die(accelerator, folder, step, state, limit):
+        real_save(accelerator, folder, step, state, limit)
+        if step == 3:  # inside round 2: its teacher is round 1's student, restored from the checkpoint
+            raise _Interrupt(step)
+
+    monkeypatch.setattr(checkpointing, "save_checkpoint", save_then_die)
+    resumed = tmp_path / "resumed"
+    with pytest.raises(_Interrupt):
+        run(teacher, resumed, *args)
+    monkeypatch.setattr(checkpointing, "save_checkpoint", real_save)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    assert run(teacher, resumed, *args, "--resume_from_checkpoint", "latest")["global_step"] == 6
+    for folder in ("", "students/2-step", "checkpoints/checkpoint-6"):
+        name = "model.safetensors" if folder.startswith("checkpoints") else "unet/diffusion_pytorch_model.safetensors"
+        a, b = load_file(straight / folder / name), load_file(resumed / folder / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{folder or 'export'} differs after resume"
+
+
+def test_consistency_function_is_x_at_sigma_min_and_what_diffusers_pipeline_samples():
+    torch.manual_seed(0)
+    unet = build_unet("tiny-8").eval()
+    scheduler = diffusers.CMStochasticIterativeScheduler(num_train_timesteps=18, sigma_min=0.01, sigma_max=150.0)
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(consistency_function(unet, scheduler, x, torch.full((3,), 0.01, dtype=torch.float64)), x)
+        pipe = diffusers.ConsistencyModelPipeline(unet=unet, scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        generator = torch.Generator().manual_seed(2)
+        sampled = pipe(batch_size=3, num_inference_steps=1, generator=generator, output_type="np").images
+        noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+        sigma = torch.full((3,), 150.0, dtype=torch.float64)
+        ours = consistency_function(unet, scheduler, noise * 150.0, sigma).clamp(-1, 1) / 2 + 0.5
+    np.testing.assert_allclose(ours.permute(0, 2, 3, 1).numpy(), sampled, atol=1e-5)
+
+
+def test_consistency_teacher_reads_the_ddpm_at_the_timestep_of_each_noise_level(teacher, tmp_path):
+    distiller = ConsistencyDistiller(parse_distillation_args([str(teacher), *FAST, "--output_dir", str(tmp_path)]))
+    process = distiller.teacher.process
+    abar = process.tables.alphas_cumprod
+    t = torch.tensor([0, 10, 500, 999])
+    z = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    sigma = ((1 - abar[t]) / abar[t]).sqrt()
+    x0 = distiller.teacher_denoise(z.double() / abar[t].sqrt().view(-1, 1, 1, 1), sigma)
+    torch.testing.assert_close(x0.float(), distiller.teacher.predict_x0(z, t), atol=1e-4, rtol=1e-4)
+
+
+def test_consistency_student_is_a_consistency_model_pipeline_that_plain_diffusers_samples(teacher, tmp_path):
+    out = tmp_path / "student"
+    assert (
+        run(teacher, out, "--method", "consistency", "--max_train_steps", "3", "--num_scales", "6")["global_step"] == 3
+    )
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "ConsistencyModelPipeline"
+    assert index["scheduler"] == ["diffusers", "CMStochasticIterativeScheduler"]
+    card = (out / "README.md").read_text()
+    assert "consistency distillation" in card and "ConsistencyModelPipeline.from_pretrained" in card
+    code = """
+import numpy as np, torch
+from diffusers import ConsistencyModelPipeline
+pipe = ConsistencyModelPipeline.from_pretrained("student")
+seeds = [np.random.SeedSequence((0, i)).generate_state(1, np.uint64)[0] for i in range(3)]
+generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+np.save("plain.npy", pipe(batch_size=3, generator=generators, num_inference_steps=2, output_type="np").images)
+"""
+    run_without_hf_ddpm(code, cwd=tmp_path)
+    plain = np.load(tmp_path / "plain.npy")
+    assert np.isfinite(plain).all()
+    ours = generate(load_pipeline(str(out)), 3, sampler="consistency", num_inference_steps=2, progress=False)
+    assert np.abs(np.round(plain * 255).astype(int) - ours.permute(0, 2, 3, 1).numpy()).max() <= 1

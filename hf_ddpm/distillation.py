@@ -109,8 +109,8 @@ class DistillationArguments(TrainingArguments):
     teacher_steps: int = field(default=32, metadata={"help": "DDIM steps of the teacher that the first round distils"})
     first_student_steps: int | None = field(
         default=4,
-        metadata={"help": "steps of the first round's student (default: half of --teacher_steps, as in the paper); "
-                  "each later round halves them"},
+        metadata={"help": "steps of the first round's student, each later round halving them (default 4: 8 teacher "
+                  "steps per student step; the paper's is half of --teacher_steps)"},
     )  # fmt: skip
     student_steps: int = field(default=1, metadata={"help": "steps of the last round's student"})
     steps_per_round: int = field(

@@ -527,7 +527,10 @@ class Trainer:
     def _save_posthoc_snapshot(self) -> None:
         if distributed.is_main(self.accelerator):
             names = [name for name, _ in self.unet.named_parameters()]
-            posthoc_ema.save_snapshot(self.posthoc_ema, names, self.output_dir / posthoc_ema.SNAPSHOT_DIR)
+            folder = self.output_dir / posthoc_ema.SNAPSHOT_DIR
+            folder.mkdir(parents=True, exist_ok=True)
+            with checkpointing.disk_full_stops("a post-hoc EMA snapshot", folder, sorted(folder.glob("step-*"))[-1:]):
+                posthoc_ema.save_snapshot(self.posthoc_ema, names, folder)
 
     def _push_progress(self) -> None:
         """--hub_push_every N: every N-th checkpoint before the last also exports and pushes the run."""
@@ -695,15 +698,16 @@ class Trainer:
                 best = self.output_dir / BEST_DIR
                 (best / evaluation.RESULTS_FILE).unlink(missing_ok=True)  # earlier results were of earlier weights
                 checkpointing.export_pipeline(pipe, best)
-                write_json(best / "best_eval.json", {"global_step": step, "metric": key, **values})
-                # The reference is the training set as loaded: its first --max_train_samples rows, if set.
-                entries = evaluation.result_entries(
-                    values, **setup, num_samples=args.eval_num_samples, num_reference=len(self.data),
-                    dataset=evaluation.dataset_label(args.dataset_name, args.train_data_dir),
-                    split=evaluation.split_label(args.split, first=args.max_train_samples),
-                )  # fmt: skip
-                evaluation.merge_eval_results(best / evaluation.RESULTS_FILE, entries)
-                write_model_card(best)
+                with checkpointing.disk_full_stops("the best pipeline's results and model card", best, []):
+                    write_json(best / "best_eval.json", {"global_step": step, "metric": key, **values})
+                    # The reference is the training set as loaded: its first --max_train_samples rows, if set.
+                    entries = evaluation.result_entries(
+                        values, **setup, num_samples=args.eval_num_samples, num_reference=len(self.data),
+                        dataset=evaluation.dataset_label(args.dataset_name, args.train_data_dir),
+                        split=evaluation.split_label(args.split, first=args.max_train_samples),
+                    )  # fmt: skip
+                    evaluation.merge_eval_results(best / evaluation.RESULTS_FILE, entries)
+                    write_model_card(best)
             self.accelerator.wait_for_everyone()
 
     def _export(self, final_samples: bool = False) -> dict[str, Any]:

@@ -208,6 +208,36 @@ def test_disk_full_during_training_is_one_line_saying_how_much_space_is_needed(t
     assert [p.name for p in checkpointing.list_checkpoints(out / "checkpoints")] == ["checkpoint-2"]
 
 
+def test_a_full_disk_at_a_posthoc_ema_snapshot_or_the_best_pipelines_files_is_one_line(tmp_path, monkeypatch):
+    from hf_ddpm import posthoc_ema, trainer
+
+    real_snapshot, real_json = posthoc_ema.save_snapshot, trainer.write_json
+
+    def full_at_step_4(ema, names, folder):
+        if ema.step_count == 4:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_snapshot(ema, names, folder)
+
+    monkeypatch.setattr(posthoc_ema, "save_snapshot", full_at_step_4)
+    out = tmp_path / "snapshots"
+    args = parse_training_args([*FAST, "--output_dir", str(out), "--max_train_steps", "4", "--posthoc_ema_every", "2"])
+    with pytest.raises(DiskFullError, match="while writing a post-hoc EMA snapshot to .*it needs about"):
+        Trainer(args).train()
+    assert [p.name for p in (out / posthoc_ema.SNAPSHOT_DIR).iterdir()] == ["step-0000002.safetensors"]
+
+    def full_at_best_eval(path, value):
+        if Path(path).name == "best_eval.json":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_json(path, value)
+
+    monkeypatch.setattr(trainer, "write_json", full_at_best_eval)
+    args = parse_training_args([*FAST, "--output_dir", str(tmp_path / "best"), "--max_train_steps", "2",
+                                "--max_train_samples", "160", "--eval_every", "2", "--eval_num_samples", "70",
+                                "--preview_sampler", "ddim", "--preview_steps", "2"])  # fmt: skip
+    with pytest.raises(DiskFullError, match="while writing the best pipeline's results and model card to .*best"):
+        Trainer(args).train()
+
+
 def test_unwritable_output_dir_fails_before_the_first_step(tmp_path, monkeypatch):
     stepped = []
     monkeypatch.setattr(Trainer, "step", lambda self: stepped.append(1))

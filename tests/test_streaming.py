@@ -16,7 +16,7 @@ import torch
 from conftest import PYTHON, REPO_ROOT
 from PIL import Image
 from safetensors.torch import load_file
-from test_training import FAST, _Interrupt, weights
+from test_training import FAST, stopped_after_first_checkpoint, weights
 
 from hf_ddpm import checkpointing
 from hf_ddpm.data import load_image_dataset
@@ -176,16 +176,7 @@ def test_streaming_resume_sees_the_same_images_and_ends_bit_exact(shards, tmp_pa
         return tmp_path / name, seen
 
     straight, seen = run("straight")  # 16 micro-batches of 5 from 12 per epoch: crosses an epoch
-    real_save = checkpointing.save_checkpoint
-
-    def save_then_die(accelerator, folder, step, state, limit):
-        real_save(accelerator, folder, step, state, limit)
-        raise _Interrupt(step)
-
-    monkeypatch.setattr(checkpointing, "save_checkpoint", save_then_die)
-    with pytest.raises(_Interrupt):
-        run("resumed")
-    monkeypatch.setattr(checkpointing, "save_checkpoint", real_save)
+    stopped_after_first_checkpoint(monkeypatch, lambda: run("resumed"))
     resumed, second = run("resumed", "--resume_from_checkpoint", "latest")
     state = json.loads((resumed / "checkpoints/checkpoint-4" / checkpointing.STATE_FILE).read_text())
     assert state["stream_positions"][0]["num_images"] == 40

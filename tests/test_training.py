@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -66,11 +67,8 @@ class _Interrupt(Exception):
     pass
 
 
-def test_resume_is_bit_exact_and_does_not_replay_batches(tmp_path, monkeypatch):
-    args = ["--max_train_steps", "8", "--checkpointing_steps", "4", "--lr_scheduler", "cosine",
-            "--timestep_sampler", "loss-second-moment", "--gradient_accumulation_steps", "2"]  # fmt: skip
-    straight, _ = run(tmp_path, *args, name="straight")
-
+def stopped_after_first_checkpoint(monkeypatch: pytest.MonkeyPatch, run: Callable[[], object]) -> None:
+    """Run `run` until its first checkpoint is saved, then stop it there (as a crash right after saving would)."""
     real_save = checkpointing.save_checkpoint
 
     def save_then_die(accelerator, folder, step, state, limit):
@@ -79,8 +77,16 @@ def test_resume_is_bit_exact_and_does_not_replay_batches(tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpointing, "save_checkpoint", save_then_die)
     with pytest.raises(_Interrupt):
-        run(tmp_path, *args, name="resumed")
+        run()
     monkeypatch.setattr(checkpointing, "save_checkpoint", real_save)
+
+
+def test_resume_is_bit_exact_and_does_not_replay_batches(tmp_path, monkeypatch):
+    args = ["--max_train_steps", "8", "--checkpointing_steps", "4", "--lr_scheduler", "cosine",
+            "--timestep_sampler", "loss-second-moment", "--gradient_accumulation_steps", "2"]  # fmt: skip
+    straight, _ = run(tmp_path, *args, name="straight")
+
+    stopped_after_first_checkpoint(monkeypatch, lambda: run(tmp_path, *args, name="resumed"))
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)

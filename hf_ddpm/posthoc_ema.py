@@ -205,9 +205,11 @@ def search(model: str | Path, args: PosthocEMAArguments, sampling: Any, data: An
     from hf_ddpm.checkpointing import export_pipeline
     from hf_ddpm.evaluation import EvaluationArguments, evaluate
     from hf_ddpm.hub import load_pipeline
+    from hf_ddpm.trainer import SUMMARY_FILE
     from hf_ddpm.training_args import EVAL_SCORE
 
     model = Path(model)
+    summary = model / SUMMARY_FILE  # evaluation's reference images and the card's training facts come from it
     folder = model / SNAPSHOT_DIR
     snapshots = load_snapshots(folder, args.step)
     step = args.step or max(s.step for s in snapshots)
@@ -218,9 +220,8 @@ def search(model: str | Path, args: PosthocEMAArguments, sampling: Any, data: An
         pipe.unet.load_state_dict(reconstruct(snapshots, sigma_rel, step))
         candidate = folder / f"step-{step}" / f"sigma_rel-{sigma_rel:.3f}"
         export_pipeline(pipe, candidate)
-        summary = model / "training_summary.json"
-        if summary.is_file():  # evaluation's reference images and the card's training facts come from it
-            shutil.copyfile(summary, candidate / summary.name)
+        if summary.is_file():
+            shutil.copyfile(summary, candidate / SUMMARY_FILE)
         evaluation = EvaluationArguments(metrics=args.metric, num_images=args.num_images)
         values = evaluate(str(candidate), evaluation, sampling, data)
         rows.append({"sigma_rel": sigma_rel, "step": step, "folder": str(candidate), **values})

@@ -31,7 +31,7 @@ from hf_ddpm.arguments import check_fp16_device, parse_into_dataclasses
 from hf_ddpm.data import DataArguments
 from hf_ddpm.errors import ConfigError
 from hf_ddpm.hub import check_repo_id
-from hf_ddpm.posthoc_ema import parse_sigma_rels
+from hf_ddpm.posthoc_ema import EDM2_SIGMA_RELS, parse_sigma_rels
 from hf_ddpm.presets import get_preset, list_presets
 from hf_ddpm.sampling import ALL_SAMPLERS, RECOMMENDED_SAMPLER
 from hf_ddpm.scheduler import LOSS_WEIGHTINGS, PREDICTION_TYPES, VARIANCE_TYPES
@@ -136,7 +136,8 @@ class TrainingArguments(DataArguments):
                   "which scripts/posthoc_ema.py rebuilds any EMA length after training; 0: off"},
     )  # fmt: skip
     posthoc_ema_sigma_rels: str = field(
-        default="0.05,0.1", metadata={"help": "relative widths of the stored power-function EMAs (EDM2's two)"}
+        default=",".join(map(str, EDM2_SIGMA_RELS)),
+        metadata={"help": "relative widths of the stored power-function EMAs (EDM2's two)"},
     )
     # Speed (hf_ddpm.speed): none changes what is trained, only how fast and up to float rounding
     torch_compile: bool = field(

@@ -51,7 +51,7 @@ from hf_ddpm import checkpointing, distributed, posthoc_ema, sampling, speed
 from hf_ddpm.arguments import check_fp16_device
 from hf_ddpm.atomic import write_json
 from hf_ddpm.data import BUILTIN_DIGITS, EpochOrder, ImageDataset, load_data
-from hf_ddpm.errors import TrainingError
+from hf_ddpm.errors import LostProcessesError, TrainingError
 from hf_ddpm.hub import BackgroundPusher, push_options
 from hf_ddpm.pipeline import DDPMPipeline
 from hf_ddpm.presets import build_unet, learned_variance_unet
@@ -197,7 +197,7 @@ def _lost_processes_stop(trainer: Trainer) -> Iterator[None]:
         if trainer.world == 1 or not (isinstance(err, dist.DistError) or any(s in message for s in _COLLECTIVES)):
             raise
         last = checkpointing.list_checkpoints(trainer.checkpoints_dir)
-        raise TrainingError(
+        raise LostProcessesError(
             f"process {distributed.rank(trainer.accelerator)} of {trainer.world} lost the others during step "
             f"{trainer.global_step + 1}: another process died or did not answer within --ddp_timeout "
             f"{trainer.args.ddp_timeout} s (its own log says why) [{message.splitlines()[0][:300]}]; resume from "

@@ -290,7 +290,7 @@ def test_with_a_rank_killed_or_hung_the_survivor_stops_with_one_line_and_no_chec
     tmp_path, fault, expected
 ):
     status, stderr, out = _two_ranks(tmp_path, fault, "--ddp_timeout", "10")
-    assert status == 1
+    assert status == 1, stderr[-15:]
     assert re.match(rf"error: process 0 of 2 lost the others during step \d: .*{expected}", stderr[-1]), stderr[-5:]
     assert not any("Traceback" in line for line in stderr)
     assert "1 process(es)" not in (tmp_path / "rank0.stderr").read_text()  # two ranks really ran

@@ -22,6 +22,11 @@ non-zero if any was lost. Kills are real SIGKILLs sent by the process to itself 
 in the child before it runs scripts/train.py (`--child`); hf_ddpm has no fault-injection code of its own. A kill
 "while saving a tensor file" first truncates the file it wrote to half, as a kill in the middle of the write
 would leave it. tests/test_fault_injection.py runs a few named points of the same harness.
+
+A child's fault is `[KIND@]POINT`: POINT an event number (1-based) or a regular expression that the event's
+description matches (`after step 3`); KIND a signal (SIGKILL, the default; SIGTERM, SIGINT, SIGSTOP for a hang)
+or `raise`, which raises a `DataError` there ("cannot decode image 7 ...") as a bad image seen by that process
+alone would.
 """
 
 from __future__ import annotations
@@ -55,20 +60,21 @@ TRAIN_ARGS = [
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 MODEL = "model.safetensors"  # the training weights in a checkpoint
 CHILD_TIMEOUT_S = 300
+INJECTED_ERROR = "cannot decode image 7 of the training data (injected by the fault-injection harness)"
 
 
 # ----------------------------------------------------------------------------------------------------- the child
 class _Killer:
     """Counts the kill points of this process and SIGKILLs it at the one named by `kill_at`: an event number
-    (1-based) or a regular expression that the event's description matches (its first match); `SIGTERM@...` or
-    `SIGINT@...` sends that signal there instead."""
+    (1-based) or a regular expression that the event's description matches (its first match); `SIGTERM@...`,
+    `SIGINT@...` or `SIGSTOP@...` sends that signal there instead, and `raise@...` raises `INJECTED_ERROR`."""
 
     def __init__(self, log: Path, kill_at: str | None, root: Path) -> None:
         self.log = open(log, "a", buffering=1)  # noqa: SIM115 - written to until the process dies
-        self.signal = signal.SIGKILL
+        self.signal: signal.Signals | None = signal.SIGKILL  # None: raise
         if kill_at is not None and "@" in kill_at:
             name, kill_at = kill_at.split("@", 1)
-            self.signal = signal.Signals[name]
+            self.signal = None if name == "raise" else signal.Signals[name]
         self.kill_at, self.root, self.count = kill_at, root, 0
 
     def event(self, kind: str, path: Any = "", before_kill: Callable[[], None] | None = None) -> None:
@@ -80,6 +86,11 @@ class _Killer:
         target = self.kill_at
         if target is not None and (target == str(self.count) or (not target.isdigit() and re.search(target, name))):
             self.kill_at = None  # once
+            if self.signal is None:
+                from hf_ddpm.errors import DataError
+
+                self.log.write(f"RAISED at {self.count}: {name}\n")
+                raise DataError(INJECTED_ERROR)
             if before_kill is not None and self.signal == signal.SIGKILL:
                 before_kill()
             self.log.write(f"KILLED at {self.count}: {name}\n" if self.signal == signal.SIGKILL else

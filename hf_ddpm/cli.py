@@ -7,12 +7,14 @@ the traceback of user errors too.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
 
-from hf_ddpm.errors import UserError
+from hf_ddpm.errors import LostProcessesError, UserError
 
 
 def one_line(err: BaseException) -> str:
@@ -21,9 +23,22 @@ def one_line(err: BaseException) -> str:
 
 
 def run_cli(main: Callable[[], Any]) -> int:
-    """Run `main()`; return 0, or 1 after printing a user error as one line."""
+    """Run `main()`; return 0, or 1 after printing a user error as one line (a `LostProcessesError` exits
+    the process with 1 right after it)."""
     try:
         main()
+    except LostProcessesError as err:
+        if os.environ.get("HF_DDPM_TRACEBACK"):
+            traceback.print_exc()
+        else:
+            print(f"error: {one_line(err)}", file=sys.stderr)
+        # Nothing is left to save (checkpoints are written atomically, and each one listed is complete), while a
+        # normal exit tears down a process group whose peers are gone: torch may wait --ddp_timeout for each
+        # collective still queued, or abort (SIGABRT) in its threads at interpreter exit.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(1)
     except UserError as err:
         if os.environ.get("HF_DDPM_TRACEBACK"):
             raise

@@ -1,4 +1,5 @@
-"""The one place that knows about processes: rank, world size, the main process, sharding work, and seeds.
+"""The one place that knows about processes: rank, world size, the main process, sharding work, seeds, and
+why another process stopped.
 
 Every function takes an `accelerate.Accelerator`, or None for a single process. Work over N items is cut into
 contiguous blocks, one per process, and gathered back in item order, so P processes return what one returns:
@@ -9,14 +10,24 @@ contiguous blocks, one per process, and gathered back in item order, so P proces
 Random streams are seeded by numpy's `SeedSequence` from a purpose (`Stream`), the run's seed and integers that
 name the draw (an image index, a micro-step and a rank), never from the order in which draws happen: a resumed
 run, another batch size or another number of processes draws the same numbers.
+
+A process that fails alone leaves its one-line error in the process group's key-value store
+(`report_failure`) before it exits; a process whose collective then fails reads it there (`reported_failures`)
+and can stop with that error instead of a bare "connection closed".
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import logging
 import math
+import os
+import sys
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -26,6 +37,8 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 Output = TypeVar("Output", torch.Tensor, dict[str, torch.Tensor])
+logger = logging.getLogger(__name__)  # every process's, not only the main one's
+FAILED_KEY = "hf_ddpm/failed/{rank}"  # the store key of a process's one-line error
 
 
 def rank(accelerator: Accelerator | None) -> int:
@@ -93,6 +106,73 @@ def _to_cpu(output: Output) -> Output:
     if isinstance(output, dict):
         return {key: value.detach().cpu() for key, value in output.items()}
     return output.detach().cpu()
+
+
+def _store() -> torch.distributed.Store | None:
+    """The default process group's key-value store (a TCPStore, hosted by the launcher's agent under `accelerate
+    launch` and by rank 0's process when ranks are started by hand), or None without a process group."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return None
+    try:
+        return torch.distributed.distributed_c10d._get_default_store()  # private: used here alone
+    except Exception as err:  # noqa: BLE001 - a torch without it only loses the other processes' reasons
+        logger.debug("no process group store (%s)", err)
+        return None
+
+
+def report_failure(accelerator: Accelerator | None, message: str) -> None:
+    """Leave `message` (one line: why this process stops) where the other processes' `reported_failures` read
+    it. Never raises: the store may be gone with the process that hosted it."""
+    store = _store()
+    if store is None or world_size(accelerator) == 1:
+        return
+    try:
+        with _quiet_stderr():
+            store.set(FAILED_KEY.format(rank=rank(accelerator)), message)
+    except Exception as err:  # noqa: BLE001 - the error being reported matters more than this one
+        logger.debug("could not report this process's failure to the others (%s)", err)
+
+
+def reported_failures(accelerator: Accelerator | None, grace_s: float = 2.0) -> dict[int, str]:
+    """{rank: message} of the other processes that reported a failure; {} if none did or the store is gone.
+
+    A process reports just before it exits, and its exit is what breaks the others' collective, so the message
+    is usually there already; this waits up to `grace_s` for one to appear. For a store left without its host,
+    each request fails at once or within `grace_s` (the store's timeout is set to it: the process group is
+    broken anyway)."""
+    store = _store()
+    if store is None:
+        return {}
+    others = [other for other in range(world_size(accelerator)) if other != rank(accelerator)]
+    keys = {other: FAILED_KEY.format(rank=other) for other in others}
+    deadline = time.monotonic() + grace_s
+    try:
+        with _quiet_stderr():
+            store.set_timeout(timedelta(seconds=grace_s))
+            while True:
+                found = {other: store.get(key).decode() for other, key in keys.items() if store.check([key])}
+                if found or time.monotonic() >= deadline:
+                    return found
+                time.sleep(0.1)
+    except Exception as err:  # noqa: BLE001 - DistNetworkError, DistStoreError, ...: no reasons to read
+        logger.debug("could not read the other processes' failures (%s)", err)
+        return {}
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Send what is written to file descriptor 2 meanwhile (by any thread) to /dev/null: torch's TCPStore client
+    logs a C++ stack trace there for each request to a store whose host is gone, before it raises."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 class Stream(enum.IntEnum):

@@ -32,6 +32,11 @@ class TrainingError(UserError, RuntimeError):
     """Training cannot start or go on."""
 
 
+class LostProcessesError(TrainingError):
+    """A process whose peers died, hung or failed; it cannot tear down its process group, so the CLI exits at once
+    after the line."""
+
+
 class DiskFullError(UserError, OSError):
     """The disk filled up (or a quota was hit) while writing a checkpoint or an export; says how much is needed."""
 

@@ -50,8 +50,9 @@ from tqdm.auto import tqdm
 from hf_ddpm import checkpointing, distributed, posthoc_ema, sampling, speed
 from hf_ddpm.arguments import check_fp16_device
 from hf_ddpm.atomic import write_json
+from hf_ddpm.cli import one_line
 from hf_ddpm.data import BUILTIN_DIGITS, EpochOrder, ImageDataset, load_data
-from hf_ddpm.errors import TrainingError
+from hf_ddpm.errors import LostProcessesError, TrainingError, UserError
 from hf_ddpm.hub import BackgroundPusher, push_options
 from hf_ddpm.pipeline import DDPMPipeline
 from hf_ddpm.presets import build_unet, learned_variance_unet
@@ -188,20 +189,36 @@ class _Preemption:
 
 @contextlib.contextmanager
 def _lost_processes_stop(trainer: Trainer) -> Iterator[None]:
-    """A collective that fails because another process died or hung (past --ddp_timeout) stops this process
-    with one line; what a checkpoint being written then held is never marked complete."""
+    """A process that fails alone tells the others why; a collective that fails because another process failed,
+    died or hung (past --ddp_timeout) stops this process with one line, that process's error when it told one.
+    What a checkpoint being written then held is never marked complete."""
     try:
         yield
-    except RuntimeError as err:
-        message = str(err)
-        if trainer.world == 1 or not (isinstance(err, dist.DistError) or any(s in message for s in _COLLECTIVES)):
+    except Exception as err:
+        if trainer.world == 1:
             raise
+        accelerator, message = trainer.accelerator, str(err)
+        collective = isinstance(err, RuntimeError) and not isinstance(err, UserError)
+        collective = collective and (isinstance(err, dist.DistError) or any(s in message for s in _COLLECTIVES))
+        if not collective:
+            # this process's own error (a bad image only it sees, a bug): it prints that itself as it exits
+            distributed.report_failure(accelerator, one_line(err) if isinstance(err, UserError) else
+                                       f"{type(err).__name__}: {one_line(err)}")  # fmt: skip
+            raise
+        this, step = f"process {distributed.rank(accelerator)} of {trainer.world}", trainer.global_step + 1
         last = checkpointing.list_checkpoints(trainer.checkpoints_dir)
-        raise TrainingError(
-            f"process {distributed.rank(trainer.accelerator)} of {trainer.world} lost the others during step "
-            f"{trainer.global_step + 1}: another process died or did not answer within --ddp_timeout "
-            f"{trainer.args.ddp_timeout} s (its own log says why) [{message.splitlines()[0][:300]}]; resume from "
-            f"{last[-1].name if last else 'the start'} with --resume_from_checkpoint latest"
+        resume = f"resume from {last[-1].name if last else 'the start'} with --resume_from_checkpoint latest"
+        failures = distributed.reported_failures(accelerator)
+        if failures:
+            other = min(failures)
+            raise LostProcessesError(
+                f"{this} stopped during step {step} because process {other} failed: {one_line(failures[other])}; "
+                f"{resume}"
+            ) from err
+        raise LostProcessesError(
+            f"{this} lost the others during step {step}: another process died or did not answer within "
+            f"--ddp_timeout {trainer.args.ddp_timeout} s (its own log says why) [{message.splitlines()[0][:300]}]; "
+            f"{resume}"
         ) from err
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from datetime import timedelta
 from types import SimpleNamespace
 
 import numpy as np
@@ -69,3 +72,44 @@ def test_streams_and_keys_never_share_a_seed():
     keys = [(Stream.IMAGES, i) for i in range(4)] + [(Stream.EPOCH_ORDER, e) for e in range(4)]
     keys += [(Stream.MICRO_BATCHES, m, r) for m in range(4) for r in range(2)]
     assert len({seeded_generator(stream, 0, *key).initial_seed() for stream, *key in keys}) == len(keys)
+
+
+@pytest.fixture
+def store(monkeypatch):
+    """A real TCPStore (server and client in this process) as the process group's store."""
+    server = torch.distributed.TCPStore("127.0.0.1", 0, 2, True, timedelta(seconds=5), wait_for_workers=False)
+    client = torch.distributed.TCPStore("127.0.0.1", server.port, 2, False, timedelta(seconds=5))
+    monkeypatch.setattr(distributed, "_store", lambda: torch.distributed.PrefixStore("default_pg", client))
+    return SimpleNamespace(server=server, client=client)
+
+
+def test_a_reported_failure_is_read_by_the_other_processes_not_by_itself(store):
+    distributed.report_failure(fake_accelerator(1, 3), "cannot decode image 7")
+    assert distributed.reported_failures(fake_accelerator(0, 3), grace_s=0.2) == {1: "cannot decode image 7"}
+    assert distributed.reported_failures(fake_accelerator(2, 3), grace_s=0.2) == {1: "cannot decode image 7"}
+    began = time.monotonic()
+    assert distributed.reported_failures(fake_accelerator(1, 3), grace_s=0.2) == {}  # its own is no news
+    assert 0.2 <= time.monotonic() - began < 2
+
+
+def test_a_failure_reported_during_the_grace_is_still_read(store):
+    later = threading.Timer(0.3, distributed.report_failure, (fake_accelerator(1, 2), "KeyError: 'x'"))
+    later.start()
+    assert distributed.reported_failures(fake_accelerator(0, 2), grace_s=5) == {1: "KeyError: 'x'"}
+    later.join()
+
+
+def test_with_the_store_gone_failures_are_neither_reported_nor_read_and_nothing_is_printed(store, capfd):
+    del store.server  # the process that hosted it exited
+    time.sleep(0.2)
+    began = time.monotonic()
+    distributed.report_failure(fake_accelerator(1, 2), "cannot decode image 7")
+    assert distributed.reported_failures(fake_accelerator(0, 2)) == {}
+    assert time.monotonic() - began < 3
+    assert capfd.readouterr().err == ""  # torch's C++ stack traces of the failed requests are hidden
+
+
+def test_without_a_process_group_failures_are_neither_reported_nor_read():
+    assert distributed._store() is None
+    distributed.report_failure(fake_accelerator(1, 2), "cannot decode image 7")
+    assert distributed.reported_failures(fake_accelerator(0, 2), grace_s=0) == {}

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import accelerate.utils.other
@@ -290,10 +291,56 @@ def test_with_a_rank_killed_or_hung_the_survivor_stops_with_one_line_and_no_chec
     tmp_path, fault, expected
 ):
     status, stderr, out = _two_ranks(tmp_path, fault, "--ddp_timeout", "10")
-    assert status == 1
+    assert status == 1, stderr[-15:]
     assert re.match(rf"error: process 0 of 2 lost the others during step \d: .*{expected}", stderr[-1]), stderr[-5:]
     assert not any("Traceback" in line for line in stderr)
     assert "1 process(es)" not in (tmp_path / "rank0.stderr").read_text()  # two ranks really ran
+    assert [p.name for p in checkpointing.list_checkpoints(out / "checkpoints")] == ["checkpoint-2"]
+
+
+def test_a_rank_that_raises_stops_the_other_with_its_error_before_the_timeout(tmp_path):
+    status, stderr, out = _two_ranks(tmp_path, "raise@after step 3", "--ddp_timeout", "60")
+    waited = time.time() - (tmp_path / "rank1.stderr").stat().st_mtime  # from rank 1's last line to rank 0's exit
+    assert status == 1, stderr[-15:]
+    expected = (r"error: process 0 of 2 stopped during step 4 because process 1 failed: cannot decode image 7 .*; "
+                r"resume from checkpoint-2 with --resume_from_checkpoint latest$")  # fmt: skip
+    assert re.match(expected, stderr[-1]), stderr[-5:]
+    assert not any("Traceback" in line for line in stderr)
+    rank1 = (tmp_path / "rank1.stderr").read_text().strip().splitlines()
+    assert rank1[-1] == f"error: {faults.INJECTED_ERROR}", rank1[-5:]  # the raiser prints its own error
+    assert waited < 30, f"rank 0 stopped {waited:.0f} s after rank 1's error: it waited for --ddp_timeout 60"
+    assert [p.name for p in checkpointing.list_checkpoints(out / "checkpoints")] == ["checkpoint-2"]
+
+
+# run under `accelerate launch` on every rank: the harness' child, with the fault on rank 0 alone
+_FAULT_ON_RANK_0 = """import os, runpy, sys
+
+log, fault, *rest = sys.argv[1:]
+rank = os.environ["RANK"]
+sys.argv = [{harness!r}, "--child", f"{{log}}{{rank}}.events", fault if rank == "0" else "none", *rest]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_under_accelerate_launch_a_rank_0_that_raises_stops_the_other_with_its_error(tmp_path):
+    # the launcher's agent hosts the store here, so it outlives rank 0 (started by hand, rank 1 could not read it)
+    script, out = tmp_path / "fault_on_rank_0.py", tmp_path / "ddp"
+    script.write_text(_FAULT_ON_RANK_0.format(harness=str(REPO_ROOT / "benchmarks" / "fault_injection.py")))
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    cmd = [str(Path(PYTHON).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           str(script), str(tmp_path / "rank"), "raise@after step 3", str(out), "--", *faults.TRAIN_ARGS,
+           "--train_batch_size", "4", "--output_dir", str(out), "--ddp_timeout", "600"]  # fmt: skip
+    # a run that waited for --ddp_timeout would fail this timeout
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert " x 2 process(es) x " in result.stderr  # two ranks really ran
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: {faults.INJECTED_ERROR}",  # rank 0's own line, then rank 1's
+        f"error: process 1 of 2 stopped during step 4 because process 0 failed: {faults.INJECTED_ERROR}; resume "
+        "from checkpoint-2 with --resume_from_checkpoint latest",
+    ], result.stderr[-3000:]
     assert [p.name for p in checkpointing.list_checkpoints(out / "checkpoints")] == ["checkpoint-2"]
 
 

@@ -4,15 +4,17 @@ by plain diffusers without hf_ddpm."""
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
+import sys
 from pathlib import Path
 
 import diffusers
 import numpy as np
 import pytest
 import torch
-from conftest import run_without_hf_ddpm
+from conftest import REPO_ROOT, run_without_hf_ddpm
 from safetensors.torch import load_file
 
 from hf_ddpm import checkpointing
@@ -35,6 +37,10 @@ from hf_ddpm.sampling import generate
 FAST = ["--train_batch_size", "8", "--logging_steps", "2", "--num_final_images", "4", "--max_train_samples", "64",
         "--report_to", "none", "--teacher_steps", "8", "--first_student_steps", "2", "--steps_per_round", "2",
         "--lr_warmup_steps", "1"]  # fmt: skip
+
+_spec = importlib.util.spec_from_file_location("student_speed", REPO_ROOT / "benchmarks" / "student_speed.py")
+student_speed = sys.modules["student_speed"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(student_speed)
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +241,37 @@ np.save("plain.npy", pipe(batch_size=3, generator=generators, num_inference_step
     assert np.isfinite(plain).all()
     ours = generate(load_pipeline(str(out)), 3, sampler="consistency", num_inference_steps=2, progress=False)
     assert np.abs(np.round(plain * 255).astype(int) - ours.permute(0, 2, 3, 1).numpy()).max() <= 1
+
+
+def test_student_speed_figures_are_per_round_rates_and_the_ratio_of_the_medians():
+    seconds = {"student": [0.5, 1.0, 0.8], "teacher": [10.0, 16.0, 12.5]}  # 4 images: 8, 4, 5 vs 0.4, 0.25, 0.32
+    figures = student_speed.summarize(4, seconds, {"student": 1.0, "teacher": 20.0})
+    student, teacher = figures["sides"]["student"], figures["sides"]["teacher"]
+    assert student["median_images_per_s"] == pytest.approx(5.0)
+    assert teacher["median_images_per_s"] == pytest.approx(0.32)
+    assert figures["ratio"] == pytest.approx(5.0 / 0.32) and not figures["goal_met"]  # 15.6x
+    assert figures["round_ratios"] == pytest.approx([20.0, 16.0, 5.0 / 0.32])
+    assert teacher["median_evals_per_s"] == pytest.approx(6.4)  # 0.32 images/s x 20 calls
+    assert figures["evals_ratio"] == pytest.approx(5.0 / 6.4)
+    lines = student_speed.report(figures)
+    assert "per-round ratios: 15.6x-20.0x" in lines
+    assert lines[-1] == "student / teacher images per second: 15.6x (goal >= 20x: missed)"
+    faster = student_speed.summarize(4, {"student": [0.1], "teacher": [10.0]}, {"student": 1.0, "teacher": 20.0})
+    assert student_speed.report(faster)[-1] == "student / teacher images per second: 100.0x (goal >= 20x: met)"
+
+
+def test_student_speed_times_both_sides_and_counts_their_unet_calls(teacher, tmp_path, capsys):
+    """The student is the teacher's own pipeline sampled at 1 DDIM step: what is checked is the wiring."""
+    figures = tmp_path / "speed.json"
+    student_speed.main([str(teacher), str(teacher), "--teacher_steps", "3", "--num_images", "4", "--batch_size",
+                        "2", "--rounds", "1", "--json", str(figures)])  # fmt: skip
+    out = capsys.readouterr().out
+    results = json.loads(figures.read_text())
+    student, teacher_side = results["sides"]["student"], results["sides"]["teacher"]
+    assert (student["sampler"], student["steps"]) == ("ddim", 1)
+    assert (teacher_side["sampler"], teacher_side["steps"]) == ("sde-dpmsolver++", 3)
+    assert (student["unet_evals_per_image"], teacher_side["unet_evals_per_image"]) == (1, 3)  # counted by a hook
+    assert results["ratio"] > 0 and len(results["round_ratios"]) == 1
+    assert f"student / teacher images per second: {results['ratio']:.1f}x (goal >= 20x: " in out
+    assert "UNet calls per image: student 1, teacher 3" in out and "torch threads" in out
+    assert "UNet evaluations per second (images x calls / s): student" in out

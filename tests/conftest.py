@@ -64,3 +64,37 @@ def run_without_hf_ddpm(code: str, cwd: Path, env: dict[str, str] | None = None)
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+# the capabilities with which root reads, writes and enters whatever the permission bits say (linux/capability.h)
+CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 1, 2
+PR_CAPBSET_DROP = 24
+
+
+def unprivileged_folder() -> Path:
+    """A new empty folder for `run_unprivileged`."""
+    return Path(tempfile.mkdtemp(prefix="hf_ddpm-unprivileged-"))
+
+
+def run_unprivileged(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run `code` (hf_ddpm importable) where permission bits apply: under a root CI, in a child that drops the
+    capabilities that let root ignore them (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH) before it starts Python, so
+    it still reads what root owns (the interpreter may live in /root). Skips the test where this process is not
+    root (its own tests see the faults) or the capabilities cannot be dropped."""
+    if os.geteuid() != 0:
+        pytest.skip("not root: the permission faults happen in this process's own tests")
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def drop_capabilities() -> None:
+        for capability in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
+            if libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    try:
+        return subprocess.run([PYTHON, "-c", code], env=env, cwd=cwd, capture_output=True, text=True, timeout=300,
+                              preexec_fn=drop_capabilities)  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as err:
+        pytest.skip(f"cannot drop root's permission capabilities here: {err}")

@@ -25,7 +25,7 @@ import accelerate.utils.other
 import pytest
 import safetensors.torch
 import torch
-from conftest import PYTHON, REPO_ROOT
+from conftest import PYTHON, REPO_ROOT, run_unprivileged, unprivileged_folder
 from diffusers import DDPMPipeline
 
 from hf_ddpm import checkpointing
@@ -251,6 +251,21 @@ def test_unwritable_output_dir_fails_before_the_first_step(tmp_path, monkeypatch
         with pytest.raises(TrainingError, match=r"read_only cannot be written \(PermissionError"):
             Trainer(parse_training_args([*FAST, "--output_dir", str(read_only)]))
     assert stepped == []
+
+
+def test_as_an_unprivileged_user_a_read_only_output_dir_is_one_line_before_the_first_step():
+    """The check the trainer makes before its first step (tested above), where permission bits apply (under root:
+    without the capabilities that ignore them)."""
+    home = unprivileged_folder()
+    (home / "read_only").mkdir(mode=0o555)
+    code = ("import sys; from hf_ddpm.checkpointing import check_writable; from hf_ddpm.cli import run_cli; "
+            "sys.exit(run_cli(lambda: check_writable('read_only/out')))")  # fmt: skip
+    result = run_unprivileged(code, home)
+    shutil.rmtree(home)
+    assert result.returncode == 1, result.stderr[-2000:]
+    expected = (r"error: --output_dir read_only/out cannot be written \(PermissionError: Permission denied\); fix its "
+                r"permissions or choose another --output_dir\n")  # fmt: skip
+    assert re.fullmatch(expected, result.stderr), result.stderr
 
 
 def _two_ranks(tmp_path: Path, rank1_fault: str, *extra: str) -> tuple[int, list[str], Path]:

@@ -14,12 +14,14 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_unprivileged, unprivileged_folder
 from PIL import Image
 
 from hf_ddpm.data import load_image_dataset
@@ -146,3 +148,22 @@ def test_each_bad_file_alone_is_a_one_line_error_naming_it(tmp_path, bad):
     with pytest.raises(DataError, match=expected) as caught:
         load_image_dataset(train_data_dir=str(folder), resolution=4, cache_dir=str(tmp_path / "cache"))
     assert "\n" not in str(caught.value)
+
+
+def test_an_unreadable_file_is_a_one_line_error_or_a_counted_skip_where_permission_bits_apply():
+    """l_unreadable.png under a root CI: in a child without the capabilities with which root reads it anyway."""
+    folder = unprivileged_folder()
+    _corpus(folder / "images", ["j_1x1.png", "l_unreadable.png"])
+    load = "load_image_dataset(train_data_dir='images', resolution=4, cache_dir='cache{}'{})"
+    code = ("import sys; from hf_ddpm.cli import run_cli; from hf_ddpm.data import load_image_dataset; "
+            f"sys.exit(run_cli(lambda: {load.format(1, '')}));")  # fmt: skip
+    failed = run_unprivileged(code, folder)
+    code = ("from hf_ddpm.data import load_image_dataset; "
+            f"ds = {load.format(2, ', skip_bad_images=True')}; print(len(ds), ds.num_skipped)")  # fmt: skip
+    skipped = run_unprivileged(code, folder)
+    shutil.rmtree(folder)
+    assert failed.returncode == 1, failed.stderr[-2000:]
+    expected = (r"error: \S*/images/l_unreadable.png \(row 1\) is not a readable image \(.*Permission denied.*\); fix "
+                r"or remove it, or pass --skip_bad")  # fmt: skip
+    assert re.match(expected, failed.stderr.strip().splitlines()[-1]), failed.stderr[-2000:]
+    assert skipped.returncode == 0 and skipped.stdout.split() == ["1", "1"], skipped.stderr[-2000:]

@@ -69,6 +69,8 @@ from hf_ddpm.trainer import Trainer
 from hf_ddpm.training_args import TrainingArguments
 
 METHODS = tuple(DISTILLED_SAMPLERS)
+ROUND_LR_DECAYS = ("none", "cosine", "linear")
+TEACHER_SOLVERS = ("ddim", "dpmsolver++")  # how progressive distillation runs the teacher between student steps
 CONSISTENCY_STEPS = 1200  # the default --max_train_steps of --method consistency
 STUDENTS_DIR = "students"
 
@@ -86,17 +88,32 @@ def progressive_target(
     zt: Tensor,
     times: Sequence[Tensor],
     abar: Callable[[Tensor], Tensor],
+    solver: str = "ddim",
 ) -> Tensor:
-    """The student's x target, Salimans & Ho (2022) Algorithm 2: teacher DDIM steps t = times[0] -> times[1] -> ...
-    -> times[-1] = t'' (two in the paper), then the x~ for which one DDIM step from z_t lands where they did,
+    """The student's x target, Salimans & Ho (2022) Algorithm 2: teacher steps t = times[0] -> times[1] -> ...
+    -> times[-1] = t'' (two DDIM steps in the paper), then the x~ for which one DDIM step from z_t lands where they
+    did,
         x~ = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t),
     which at t'' = -1 (sigma = 0) is z_t'' itself. `teacher_x0(z, t)` is the teacher's x^; `abar(t)` is abar_t
-    shaped to broadcast against z_t."""
-    z = zt
+    shaped to broadcast against z_t. `solver` "ddim" takes DDIM steps; "dpmsolver++" DPM-Solver++(2M) steps (Lu et
+    al. 2022): a DDIM step with x^_i + (x^_i - x^_{i-1}) / (2 r_i), r_i = h_{i-1} / h_i in lambda = log(alpha /
+    sigma), from the second step on and first order into sigma = 0 (diffusers' `lower_order_final`): a second-order
+    solution of the teacher's ODE for the same number of teacher calls."""
+    z, previous = zt, None
     for t, s in itertools.pairwise(times):
-        z = ddim_step(teacher_x0(z.to(zt.dtype), t), z, abar(t), abar(s))
+        x0 = teacher_x0(z.to(zt.dtype), t)
+        step_x0, h = x0, _half_log_snr(abar(s)) - _half_log_snr(abar(t))
+        if solver == "dpmsolver++" and previous is not None and bool((abar(s) < 1).all()):
+            previous_x0, previous_h = previous
+            step_x0 = x0 + (x0 - previous_x0) * (h / (2 * previous_h))
+        z, previous = ddim_step(step_x0, z, abar(t), abar(s)), (x0, h)
     ratio = ((1 - abar(times[-1])) / (1 - abar(times[0]))).sqrt()
     return (z - ratio * zt) / (abar(times[-1]).sqrt() - ratio * abar(times[0]).sqrt())
+
+
+def _half_log_snr(abar: Tensor) -> Tensor:
+    """lambda = log(alpha / sigma) = log(abar / (1 - abar)) / 2 (infinite at abar = 1)."""
+    return 0.5 * (abar.log() - (1 - abar).log())
 
 
 @dataclass
@@ -106,13 +123,23 @@ class DistillationArguments(TrainingArguments):
     `--unet_overrides` and the loss options do not apply. `--prediction_type` is the student's."""
 
     method: str = field(default="progressive", metadata={"help": f"one of {', '.join(METHODS)}"})
-    teacher_steps: int = field(default=32, metadata={"help": "DDIM steps of the teacher that the first round distils"})
+    teacher_steps: int = field(default=32, metadata={"help": "teacher steps that the first round distils"})
+    teacher_solver: str = field(
+        default="ddim",
+        metadata={"help": f"progressive: the teacher's ODE steps, one of {', '.join(TEACHER_SOLVERS)} "
+                  "(DPM-Solver++(2M): second order for the same teacher calls)"},
+    )  # fmt: skip
     first_student_steps: int | None = field(
         default=4,
         metadata={"help": "steps of the first round's student, each later round halving them (default 4: 8 teacher "
                   "steps per student step; the paper's is half of --teacher_steps)"},
     )  # fmt: skip
     student_steps: int = field(default=1, metadata={"help": "steps of the last round's student"})
+    round_lr_decay: str = field(
+        default="none",
+        metadata={"help": f"progressive: the learning rate within each round, one of {', '.join(ROUND_LR_DECAYS)} "
+                  "(cosine, linear: from the peak to 0 at the round's end, after the first round's warm-up)"},
+    )  # fmt: skip
     steps_per_round: int = field(
         default=1000,
         metadata={"help": "optimizer steps per round; more for a better student (the paper: 50k). The default's 3 "
@@ -139,6 +166,10 @@ class DistillationArguments(TrainingArguments):
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"--method {self.method!r} is not one of: {', '.join(METHODS)}")
+        if self.round_lr_decay not in ROUND_LR_DECAYS:
+            raise ConfigError(f"--round_lr_decay {self.round_lr_decay!r} is not one of: {', '.join(ROUND_LR_DECAYS)}")
+        if self.teacher_solver not in TEACHER_SOLVERS:
+            raise ConfigError(f"--teacher_solver {self.teacher_solver!r} is not one of: {', '.join(TEACHER_SOLVERS)}")
         self.preview_sampler = self.preview_sampler or DISTILLED_SAMPLERS[self.method]
         self.final_sampler = self.final_sampler or DISTILLED_SAMPLERS[self.method]
         super().__post_init__()
@@ -227,6 +258,20 @@ class Distiller(Trainer):
         self._grids: dict[int, Tensor] = {}
         return pipe.unet, self.student_process
 
+    def build_lr_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        """--round_lr_decay none: training's schedule over the whole run; cosine or linear: each round from the peak
+        to 0 (the first after a linear warm-up of --lr_warmup_steps)."""
+        args = self.args
+        if args.round_lr_decay == "none" or args.method != "progressive":
+            return super().build_lr_scheduler(optimizer)
+        decay = {"cosine": lambda f: 0.5 * (1 + math.cos(math.pi * f)), "linear": lambda f: 1 - f}[args.round_lr_decay]
+
+        def factor(step: int) -> float:
+            warm_up = min(1.0, (step + 1) / args.lr_warmup_steps) if args.lr_warmup_steps else 1.0
+            return warm_up * decay((step % args.steps_per_round) / args.steps_per_round)
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
     def export_pipeline(self, unet: UNet2DModel) -> DiffusionPipeline:
         """`unet` with DDIM on the teacher's betas, trailing timesteps (the first step at t = T - 1, the last to
         abar = 1) and the teacher's clipping of x: what `sampling.generate(..., sampler="ddim")` makes of it too."""
@@ -278,7 +323,8 @@ class Distiller(Trainer):
         times = [(t - j * (num_train // teacher_steps)).clamp(min=0) for j in range(teacher_steps // steps)]
         times.append(t - num_train // steps)
         zt = self.noise_scheduler.q_sample(x0, t, noise)
-        target = progressive_target(self.teacher.predict_x0, zt, times, lambda s: self._abar(s, x0))
+        target = progressive_target(self.teacher.predict_x0, zt, times, lambda s: self._abar(s, x0),
+                                    args.teacher_solver)  # fmt: skip
         target = target.float()
         x0_student = self.student_process.predict_x0(self.model(zt, t).sample.float(), zt, t)
         weight = self.noise_scheduler.snr(t).clamp(min=1).float()

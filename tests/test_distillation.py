@@ -235,3 +235,32 @@ np.save("plain.npy", pipe(batch_size=3, generator=generators, num_inference_step
     assert np.isfinite(plain).all()
     ours = generate(load_pipeline(str(out)), 3, sampler="consistency", num_inference_steps=2, progress=False)
     assert np.abs(np.round(plain * 255).astype(int) - ours.permute(0, 2, 3, 1).numpy()).max() <= 1
+
+
+@pytest.mark.parametrize("grid", [(749, 687, 624, 562, 499), (249, 187, 124, 62, -1)], ids=["middle", "into-x0"])
+def test_the_dpmsolver_teacher_steps_are_diffusers_dpmsolver_multistep(grid):
+    """--teacher_solver dpmsolver++: the teacher's steps are diffusers' DPM-Solver++(2M) (data prediction, x^
+    clipped, first order into sigma = 0) on the same timesteps, and one DDIM step from z_t with the target lands
+    where they did."""
+    scheduler = diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2,
+                                                      final_sigmas_type="zero")  # fmt: skip
+    alphas_cumprod = scheduler.alphas_cumprod.double()
+    abar = abar_of(alphas_cumprod)
+
+    def teacher(z, u):  # linear, with values beyond [-1, 1] that the clipping cuts: not a Gaussian's ideal teacher
+        a = alphas_cumprod[u.clamp(min=0)].view(-1, 1)
+        return (1.5 * a.sqrt() / (a + 0.3 * (1 - a)) * z).clamp(-1, 1)
+
+    zt = torch.randn(4, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    target = progressive_target(teacher, zt, [torch.full((4,), u) for u in grid], abar, "dpmsolver++")
+    landed = ddim_step(target, zt, abar(torch.full((4,), grid[0])), abar(torch.full((4,), grid[-1])))
+    # diffusers, from grid[0] to grid[-1] (its last timestep, where the middle interval ends, is not stepped from)
+    scheduler.set_timesteps(timesteps=[u for u in grid if u >= 0])
+    z = zt
+    for u in scheduler.timesteps[: len(grid) - 1]:
+        a = alphas_cumprod[u]
+        epsilon = (z - a.sqrt() * teacher(z, torch.full((4,), int(u)))) / (1 - a).sqrt()  # read back as x^
+        z = scheduler.step(epsilon, u, z).prev_sample
+    torch.testing.assert_close(landed, z)
+    ddim = progressive_target(teacher, zt, [torch.full((4,), u) for u in grid], abar)
+    assert (ddim - target).abs().max() > 1e-3  # the second-order steps are not DDIM's

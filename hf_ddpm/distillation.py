@@ -140,10 +140,10 @@ class DistillationArguments(TrainingArguments):
         metadata={"help": f"progressive: the learning rate within each round, one of {', '.join(ROUND_LR_DECAYS)} "
                   "(cosine, linear: from the peak to 0 at the round's end, after the first round's warm-up)"},
     )  # fmt: skip
-    steps_per_round: int = field(
-        default=1000,
-        metadata={"help": "optimizer steps per round; more for a better student (the paper: 50k). The default's 3 "
-                  "rounds take about 7 minutes on 2 idle CPU cores"},
+    steps_per_round: list[int] = field(
+        default_factory=lambda: [1000],
+        metadata={"help": "optimizer steps per round: one number for every round, or one per round (e.g. 2000 1500 "
+                  "1500); more for a better student (the paper: 50k)"},
     )  # fmt: skip
     # training's defaults, changed for a student that starts from its teacher
     output_dir: str = field(default="output-distilled", metadata={"help": "where the student, logs and checkpoints go"})
@@ -176,9 +176,11 @@ class DistillationArguments(TrainingArguments):
         if self.num_scales < 2:
             raise ConfigError(f"--num_scales must be at least 2, got {self.num_scales}")
         self.first_student_steps = self.first_student_steps or self.teacher_steps // 2
-        for name in ("teacher_steps", "first_student_steps", "student_steps", "steps_per_round"):
+        for name in ("teacher_steps", "first_student_steps", "student_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if min(self.steps_per_round) < 1:
+            raise ConfigError(f"--steps_per_round must be at least 1, got {min(self.steps_per_round)}")
         for bigger, smaller in (("teacher_steps", "first_student_steps"), ("first_student_steps", "student_steps")):
             ratio, rest = divmod(getattr(self, bigger), getattr(self, smaller))
             if rest or ratio < (2 if bigger == "teacher_steps" else 1) or ratio & (ratio - 1):
@@ -189,7 +191,14 @@ class DistillationArguments(TrainingArguments):
         if self.timestep_sampler != "uniform":
             raise ConfigError("--timestep_sampler: distillation draws the student's steps uniformly; use uniform")
         if self.method == "progressive":
-            self.max_train_steps = self.num_rounds * self.steps_per_round
+            if len(self.steps_per_round) == 1:
+                self.steps_per_round = self.steps_per_round * self.num_rounds
+            if len(self.steps_per_round) != self.num_rounds:
+                raise ConfigError(
+                    f"--steps_per_round gives {len(self.steps_per_round)} numbers for {self.num_rounds} rounds "
+                    f"({self.first_student_steps} -> {self.student_steps} steps): give one, or one per round"
+                )
+            self.max_train_steps = sum(self.steps_per_round)
         else:
             self.max_train_steps = self.max_train_steps or CONSISTENCY_STEPS
         self.final_steps = self.final_steps or self.student_steps
@@ -198,6 +207,14 @@ class DistillationArguments(TrainingArguments):
     @property
     def num_rounds(self) -> int:
         return 1 + int(math.log2(self.first_student_steps // self.student_steps))
+
+    def round_at(self, step: int) -> tuple[int, int]:
+        """(round, optimizer steps done in it) after `step` optimizer steps of the run (0-based round)."""
+        for round_index, length in enumerate(self.steps_per_round[:-1]):
+            if step < length:
+                return round_index, step
+            step -= length
+        return len(self.steps_per_round) - 1, step
 
     def round_steps(self, round_index: int) -> int:
         """The student's DDIM steps in round `round_index` (0-based): first_student_steps / 2^round."""
@@ -268,7 +285,8 @@ class Distiller(Trainer):
 
         def factor(step: int) -> float:
             warm_up = min(1.0, (step + 1) / args.lr_warmup_steps) if args.lr_warmup_steps else 1.0
-            return warm_up * decay((step % args.steps_per_round) / args.steps_per_round)
+            round_index, done = args.round_at(step)
+            return warm_up * decay(done / args.steps_per_round[round_index])
 
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -313,7 +331,7 @@ class Distiller(Trainer):
         """max(SNR_t, 1) ||x~ - x^_student(z_t)||^2 per image (the paper's truncated-SNR weighting), z_t at the
         student's grid point that the drawn timestep picks."""
         args = self.args
-        round_index = self.global_step // args.steps_per_round
+        round_index = args.round_at(self.global_step)[0]
         self._start_round(round_index)
         steps, num_train = args.round_steps(round_index), self.noise_scheduler.config.num_train_timesteps
         t = self._grid(steps)[timesteps * steps // args.num_train_timesteps]
@@ -333,8 +351,9 @@ class Distiller(Trainer):
     def step(self) -> Tensor | None:
         """A training step; the step that ends a round also exports its student to students/<N>-step/."""
         grad_norm = super().step()
-        if self.global_step % self.args.steps_per_round == 0:
-            steps = self.args.round_steps(self.global_step // self.args.steps_per_round - 1)
+        round_index, done = self.args.round_at(self.global_step - 1)
+        if done + 1 == self.args.steps_per_round[round_index]:
+            steps = self.args.round_steps(round_index)
             pipe = self._ema_pipeline()
             if distributed.is_main(self.accelerator):
                 checkpointing.export_pipeline(pipe, Path(self.args.output_dir) / STUDENTS_DIR / f"{steps}-step")

@@ -109,8 +109,14 @@ def test_arguments_refuse_steps_that_do_not_halve_and_set_the_run_length():
         DistillationArguments(teacher_steps=64, first_student_steps=6)
     with pytest.raises(ConfigError, match="--method"):
         DistillationArguments(method="gan")
-    paper = DistillationArguments(teacher_steps=16, first_student_steps=None, student_steps=2, steps_per_round=10)
+    paper = DistillationArguments(teacher_steps=16, first_student_steps=None, student_steps=2, steps_per_round=[10])
     assert paper.num_rounds == 3 and paper.max_train_steps == 30 and paper.final_steps == 2
+    assert paper.steps_per_round == [10, 10, 10] and [paper.round_at(s) for s in (0, 9, 10, 29)] == [
+        (0, 0), (0, 9), (1, 0), (2, 9)]  # fmt: skip
+    uneven = parse_distillation_args(["t", "--steps_per_round", "4", "2", "3"])
+    assert uneven.max_train_steps == 9 and [uneven.round_at(s)[0] for s in range(9)] == [0] * 4 + [1] * 2 + [2] * 3
+    with pytest.raises(ConfigError, match="--steps_per_round gives 2 numbers for 3 rounds"):
+        DistillationArguments(steps_per_round=[4, 2])
     assert [paper.round_steps(r) for r in range(3)] == [8, 4, 2]
     assert [paper.steps_per_student_step(r) for r in range(3)] == [2, 2, 2]
     default = DistillationArguments()

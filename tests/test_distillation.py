@@ -163,7 +163,9 @@ class _Interrupt(Exception):
 
 
 def test_resume_across_a_round_is_bit_exact(teacher, tmp_path, monkeypatch):
-    args = ["--checkpointing_steps", "1", "--teacher_steps", "8", "--first_student_steps", "4"]
+    # rounds of 1, 3 and 2 steps (4 -> 2 -> 1 student steps): the second round spans steps 2-4
+    args = ["--checkpointing_steps", "1", "--teacher_steps", "8", "--first_student_steps", "4", "--steps_per_round",
+            "1", "3", "2"]  # fmt: skip
     straight = tmp_path / "straight"
     run(teacher, straight, *args)
 
@@ -184,6 +186,7 @@ def test_resume_across_a_round_is_bit_exact(teacher, tmp_path, monkeypatch):
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     assert run(teacher, resumed, *args, "--resume_from_checkpoint", "latest")["global_step"] == 6
+    assert sorted(p.name for p in (resumed / "students").iterdir()) == ["1-step", "2-step", "4-step"]
     for folder in ("", "students/2-step", "checkpoints/checkpoint-6"):
         name = "model.safetensors" if folder.startswith("checkpoints") else "unet/diffusion_pytorch_model.safetensors"
         a, b = load_file(straight / folder / name), load_file(resumed / folder / name)

@@ -69,7 +69,6 @@ from hf_ddpm.trainer import Trainer
 from hf_ddpm.training_args import TrainingArguments
 
 METHODS = tuple(DISTILLED_SAMPLERS)
-ROUND_LR_DECAYS = ("none", "cosine", "linear")
 TEACHER_SOLVERS = ("ddim", "dpmsolver++")  # how progressive distillation runs the teacher between student steps
 CONSISTENCY_STEPS = 1200  # the default --max_train_steps of --method consistency
 STUDENTS_DIR = "students"
@@ -135,11 +134,6 @@ class DistillationArguments(TrainingArguments):
                   "steps per student step; the paper's is half of --teacher_steps)"},
     )  # fmt: skip
     student_steps: int = field(default=1, metadata={"help": "steps of the last round's student"})
-    round_lr_decay: str = field(
-        default="none",
-        metadata={"help": f"progressive: the learning rate within each round, one of {', '.join(ROUND_LR_DECAYS)} "
-                  "(cosine, linear: from the peak to 0 at the round's end, after the first round's warm-up)"},
-    )  # fmt: skip
     steps_per_round: list[int] = field(
         default_factory=lambda: [1000],
         metadata={"help": "optimizer steps per round: one number for every round, or one per round (e.g. 2000 1500 "
@@ -166,8 +160,6 @@ class DistillationArguments(TrainingArguments):
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"--method {self.method!r} is not one of: {', '.join(METHODS)}")
-        if self.round_lr_decay not in ROUND_LR_DECAYS:
-            raise ConfigError(f"--round_lr_decay {self.round_lr_decay!r} is not one of: {', '.join(ROUND_LR_DECAYS)}")
         if self.teacher_solver not in TEACHER_SOLVERS:
             raise ConfigError(f"--teacher_solver {self.teacher_solver!r} is not one of: {', '.join(TEACHER_SOLVERS)}")
         self.preview_sampler = self.preview_sampler or DISTILLED_SAMPLERS[self.method]
@@ -274,21 +266,6 @@ class Distiller(Trainer):
         self.student_process = DDPMScheduler.from_config(process.config, prediction_type=args.prediction_type)
         self._grids: dict[int, Tensor] = {}
         return pipe.unet, self.student_process
-
-    def build_lr_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-        """--round_lr_decay none: training's schedule over the whole run; cosine or linear: each round from the peak
-        to 0 (the first after a linear warm-up of --lr_warmup_steps)."""
-        args = self.args
-        if args.round_lr_decay == "none" or args.method != "progressive":
-            return super().build_lr_scheduler(optimizer)
-        decay = {"cosine": lambda f: 0.5 * (1 + math.cos(math.pi * f)), "linear": lambda f: 1 - f}[args.round_lr_decay]
-
-        def factor(step: int) -> float:
-            warm_up = min(1.0, (step + 1) / args.lr_warmup_steps) if args.lr_warmup_steps else 1.0
-            round_index, done = args.round_at(step)
-            return warm_up * decay(done / args.steps_per_round[round_index])
-
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
     def export_pipeline(self, unet: UNet2DModel) -> DiffusionPipeline:
         """`unet` with DDIM on the teacher's betas, trailing timesteps (the first step at t = T - 1, the last to

@@ -270,7 +270,9 @@ class Trainer:
             eps=args.adam_epsilon,
             **speed.adamw_options(device),
         )
-        self.lr_scheduler = self.build_lr_scheduler(optimizer)
+        self.lr_scheduler = get_scheduler(
+            args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=self.max_steps
+        )
         self.model, self.optimizer = self.accelerator.prepare(self.unet, optimizer)
         self.unet = self.accelerator.unwrap_model(self.model)
         # batches made ahead, by default on a GPU only (on a CPU the thread would take cores from the step); not for
@@ -610,13 +612,6 @@ class Trainer:
             loss_weighting=args.loss_weighting,
             snr_gamma=args.snr_gamma,
             vlb_lambda=args.vlb_lambda,
-        )
-
-    def build_lr_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-        """The learning-rate schedule, stepped once per optimizer step: --lr_scheduler with its warm-up."""
-        args = self.args
-        return get_scheduler(
-            args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=self.max_steps
         )
 
     def export_pipeline(self, unet: UNet2DModel) -> DiffusionPipeline:

@@ -69,6 +69,7 @@ from hf_ddpm.trainer import Trainer
 from hf_ddpm.training_args import TrainingArguments
 
 METHODS = tuple(DISTILLED_SAMPLERS)
+TEACHER_SOLVERS = ("ddim", "dpmsolver++")  # how progressive distillation runs the teacher between student steps
 CONSISTENCY_STEPS = 1200  # the default --max_train_steps of --method consistency
 STUDENTS_DIR = "students"
 
@@ -86,17 +87,32 @@ def progressive_target(
     zt: Tensor,
     times: Sequence[Tensor],
     abar: Callable[[Tensor], Tensor],
+    solver: str = "ddim",
 ) -> Tensor:
-    """The student's x target, Salimans & Ho (2022) Algorithm 2: teacher DDIM steps t = times[0] -> times[1] -> ...
-    -> times[-1] = t'' (two in the paper), then the x~ for which one DDIM step from z_t lands where they did,
+    """The student's x target, Salimans & Ho (2022) Algorithm 2: teacher steps t = times[0] -> times[1] -> ...
+    -> times[-1] = t'' (two DDIM steps in the paper), then the x~ for which one DDIM step from z_t lands where they
+    did,
         x~ = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t),
     which at t'' = -1 (sigma = 0) is z_t'' itself. `teacher_x0(z, t)` is the teacher's x^; `abar(t)` is abar_t
-    shaped to broadcast against z_t."""
-    z = zt
+    shaped to broadcast against z_t. `solver` "ddim" takes DDIM steps; "dpmsolver++" DPM-Solver++(2M) steps (Lu et
+    al. 2022): a DDIM step with x^_i + (x^_i - x^_{i-1}) / (2 r_i), r_i = h_{i-1} / h_i in lambda = log(alpha /
+    sigma), from the second step on and first order into sigma = 0 (diffusers' `lower_order_final`): a second-order
+    solution of the teacher's ODE for the same number of teacher calls."""
+    z, previous = zt, None
     for t, s in itertools.pairwise(times):
-        z = ddim_step(teacher_x0(z.to(zt.dtype), t), z, abar(t), abar(s))
+        x0 = teacher_x0(z.to(zt.dtype), t)
+        step_x0, h = x0, _half_log_snr(abar(s)) - _half_log_snr(abar(t))
+        if solver == "dpmsolver++" and previous is not None and bool((abar(s) < 1).all()):
+            previous_x0, previous_h = previous
+            step_x0 = x0 + (x0 - previous_x0) * (h / (2 * previous_h))
+        z, previous = ddim_step(step_x0, z, abar(t), abar(s)), (x0, h)
     ratio = ((1 - abar(times[-1])) / (1 - abar(times[0]))).sqrt()
     return (z - ratio * zt) / (abar(times[-1]).sqrt() - ratio * abar(times[0]).sqrt())
+
+
+def _half_log_snr(abar: Tensor) -> Tensor:
+    """lambda = log(alpha / sigma) = log(abar / (1 - abar)) / 2 (infinite at abar = 1)."""
+    return 0.5 * (abar.log() - (1 - abar).log())
 
 
 @dataclass
@@ -106,17 +122,22 @@ class DistillationArguments(TrainingArguments):
     `--unet_overrides` and the loss options do not apply. `--prediction_type` is the student's."""
 
     method: str = field(default="progressive", metadata={"help": f"one of {', '.join(METHODS)}"})
-    teacher_steps: int = field(default=32, metadata={"help": "DDIM steps of the teacher that the first round distils"})
+    teacher_steps: int = field(default=32, metadata={"help": "teacher steps that the first round distils"})
+    teacher_solver: str = field(
+        default="ddim",
+        metadata={"help": f"progressive: the teacher's ODE steps, one of {', '.join(TEACHER_SOLVERS)} "
+                  "(DPM-Solver++(2M): second order for the same teacher calls)"},
+    )  # fmt: skip
     first_student_steps: int | None = field(
         default=4,
         metadata={"help": "steps of the first round's student, each later round halving them (default 4: 8 teacher "
                   "steps per student step; the paper's is half of --teacher_steps)"},
     )  # fmt: skip
     student_steps: int = field(default=1, metadata={"help": "steps of the last round's student"})
-    steps_per_round: int = field(
-        default=1000,
-        metadata={"help": "optimizer steps per round; more for a better student (the paper: 50k). The default's 3 "
-                  "rounds take about 7 minutes on 2 idle CPU cores"},
+    steps_per_round: list[int] = field(
+        default_factory=lambda: [1000],
+        metadata={"help": "optimizer steps per round: one number for every round, or one per round (e.g. 2000 1500 "
+                  "1500); more for a better student (the paper: 50k)"},
     )  # fmt: skip
     # training's defaults, changed for a student that starts from its teacher
     output_dir: str = field(default="output-distilled", metadata={"help": "where the student, logs and checkpoints go"})
@@ -139,15 +160,19 @@ class DistillationArguments(TrainingArguments):
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"--method {self.method!r} is not one of: {', '.join(METHODS)}")
+        if self.teacher_solver not in TEACHER_SOLVERS:
+            raise ConfigError(f"--teacher_solver {self.teacher_solver!r} is not one of: {', '.join(TEACHER_SOLVERS)}")
         self.preview_sampler = self.preview_sampler or DISTILLED_SAMPLERS[self.method]
         self.final_sampler = self.final_sampler or DISTILLED_SAMPLERS[self.method]
         super().__post_init__()
         if self.num_scales < 2:
             raise ConfigError(f"--num_scales must be at least 2, got {self.num_scales}")
         self.first_student_steps = self.first_student_steps or self.teacher_steps // 2
-        for name in ("teacher_steps", "first_student_steps", "student_steps", "steps_per_round"):
+        for name in ("teacher_steps", "first_student_steps", "student_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if min(self.steps_per_round) < 1:
+            raise ConfigError(f"--steps_per_round must be at least 1, got {min(self.steps_per_round)}")
         for bigger, smaller in (("teacher_steps", "first_student_steps"), ("first_student_steps", "student_steps")):
             ratio, rest = divmod(getattr(self, bigger), getattr(self, smaller))
             if rest or ratio < (2 if bigger == "teacher_steps" else 1) or ratio & (ratio - 1):
@@ -158,7 +183,14 @@ class DistillationArguments(TrainingArguments):
         if self.timestep_sampler != "uniform":
             raise ConfigError("--timestep_sampler: distillation draws the student's steps uniformly; use uniform")
         if self.method == "progressive":
-            self.max_train_steps = self.num_rounds * self.steps_per_round
+            if len(self.steps_per_round) == 1:
+                self.steps_per_round = self.steps_per_round * self.num_rounds
+            if len(self.steps_per_round) != self.num_rounds:
+                raise ConfigError(
+                    f"--steps_per_round gives {len(self.steps_per_round)} numbers for {self.num_rounds} rounds "
+                    f"({self.first_student_steps} -> {self.student_steps} steps): give one, or one per round"
+                )
+            self.max_train_steps = sum(self.steps_per_round)
         else:
             self.max_train_steps = self.max_train_steps or CONSISTENCY_STEPS
         self.final_steps = self.final_steps or self.student_steps
@@ -167,6 +199,14 @@ class DistillationArguments(TrainingArguments):
     @property
     def num_rounds(self) -> int:
         return 1 + int(math.log2(self.first_student_steps // self.student_steps))
+
+    def round_at(self, step: int) -> tuple[int, int]:
+        """(round, optimizer steps done in it) after `step` optimizer steps of the run (0-based round)."""
+        for round_index, length in enumerate(self.steps_per_round[:-1]):
+            if step < length:
+                return round_index, step
+            step -= length
+        return len(self.steps_per_round) - 1, step
 
     def round_steps(self, round_index: int) -> int:
         """The student's DDIM steps in round `round_index` (0-based): first_student_steps / 2^round."""
@@ -268,7 +308,7 @@ class Distiller(Trainer):
         """max(SNR_t, 1) ||x~ - x^_student(z_t)||^2 per image (the paper's truncated-SNR weighting), z_t at the
         student's grid point that the drawn timestep picks."""
         args = self.args
-        round_index = self.global_step // args.steps_per_round
+        round_index = args.round_at(self.global_step)[0]
         self._start_round(round_index)
         steps, num_train = args.round_steps(round_index), self.noise_scheduler.config.num_train_timesteps
         t = self._grid(steps)[timesteps * steps // args.num_train_timesteps]
@@ -278,7 +318,8 @@ class Distiller(Trainer):
         times = [(t - j * (num_train // teacher_steps)).clamp(min=0) for j in range(teacher_steps // steps)]
         times.append(t - num_train // steps)
         zt = self.noise_scheduler.q_sample(x0, t, noise)
-        target = progressive_target(self.teacher.predict_x0, zt, times, lambda s: self._abar(s, x0))
+        target = progressive_target(self.teacher.predict_x0, zt, times, lambda s: self._abar(s, x0),
+                                    args.teacher_solver)  # fmt: skip
         target = target.float()
         x0_student = self.student_process.predict_x0(self.model(zt, t).sample.float(), zt, t)
         weight = self.noise_scheduler.snr(t).clamp(min=1).float()
@@ -287,8 +328,9 @@ class Distiller(Trainer):
     def step(self) -> Tensor | None:
         """A training step; the step that ends a round also exports its student to students/<N>-step/."""
         grad_norm = super().step()
-        if self.global_step % self.args.steps_per_round == 0:
-            steps = self.args.round_steps(self.global_step // self.args.steps_per_round - 1)
+        round_index, done = self.args.round_at(self.global_step - 1)
+        if done + 1 == self.args.steps_per_round[round_index]:
+            steps = self.args.round_steps(round_index)
             pipe = self._ema_pipeline()
             if distributed.is_main(self.accelerator):
                 checkpointing.export_pipeline(pipe, Path(self.args.output_dir) / STUDENTS_DIR / f"{steps}-step")

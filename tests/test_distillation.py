@@ -115,8 +115,14 @@ def test_arguments_refuse_steps_that_do_not_halve_and_set_the_run_length():
         DistillationArguments(teacher_steps=64, first_student_steps=6)
     with pytest.raises(ConfigError, match="--method"):
         DistillationArguments(method="gan")
-    paper = DistillationArguments(teacher_steps=16, first_student_steps=None, student_steps=2, steps_per_round=10)
+    paper = DistillationArguments(teacher_steps=16, first_student_steps=None, student_steps=2, steps_per_round=[10])
     assert paper.num_rounds == 3 and paper.max_train_steps == 30 and paper.final_steps == 2
+    assert paper.steps_per_round == [10, 10, 10] and [paper.round_at(s) for s in (0, 9, 10, 29)] == [
+        (0, 0), (0, 9), (1, 0), (2, 9)]  # fmt: skip
+    uneven = parse_distillation_args(["t", "--steps_per_round", "4", "2", "3"])
+    assert uneven.max_train_steps == 9 and [uneven.round_at(s)[0] for s in range(9)] == [0] * 4 + [1] * 2 + [2] * 3
+    with pytest.raises(ConfigError, match="--steps_per_round gives 2 numbers for 3 rounds"):
+        DistillationArguments(steps_per_round=[4, 2])
     assert [paper.round_steps(r) for r in range(3)] == [8, 4, 2]
     assert [paper.steps_per_student_step(r) for r in range(3)] == [2, 2, 2]
     default = DistillationArguments()
@@ -163,7 +169,9 @@ class _Interrupt(Exception):
 
 
 def test_resume_across_a_round_is_bit_exact(teacher, tmp_path, monkeypatch):
-    args = ["--checkpointing_steps", "1", "--teacher_steps", "8", "--first_student_steps", "4"]
+    # rounds of 1, 3 and 2 steps (4 -> 2 -> 1 student steps): the second round spans steps 2-4
+    args = ["--checkpointing_steps", "1", "--teacher_steps", "8", "--first_student_steps", "4", "--steps_per_round",
+            "1", "3", "2"]  # fmt: skip
     straight = tmp_path / "straight"
     run(teacher, straight, *args)
 
@@ -184,6 +192,7 @@ def test_resume_across_a_round_is_bit_exact(teacher, tmp_path, monkeypatch):
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     assert run(teacher, resumed, *args, "--resume_from_checkpoint", "latest")["global_step"] == 6
+    assert sorted(p.name for p in (resumed / "students").iterdir()) == ["1-step", "2-step", "4-step"]
     for folder in ("", "students/2-step", "checkpoints/checkpoint-6"):
         name = "model.safetensors" if folder.startswith("checkpoints") else "unet/diffusion_pytorch_model.safetensors"
         a, b = load_file(straight / folder / name), load_file(resumed / folder / name)
@@ -275,3 +284,32 @@ def test_student_speed_times_both_sides_and_counts_their_unet_calls(teacher, tmp
     assert f"student / teacher images per second: {results['ratio']:.1f}x (goal >= 20x: " in out
     assert "UNet calls per image: student 1, teacher 3" in out and "torch threads" in out
     assert "UNet evaluations per second (images x calls / s): student" in out
+
+
+@pytest.mark.parametrize("grid", [(749, 687, 624, 562, 499), (249, 187, 124, 62, -1)], ids=["middle", "into-x0"])
+def test_the_dpmsolver_teacher_steps_are_diffusers_dpmsolver_multistep(grid):
+    """--teacher_solver dpmsolver++: the teacher's steps are diffusers' DPM-Solver++(2M) (data prediction, x^
+    clipped, first order into sigma = 0) on the same timesteps, and one DDIM step from z_t with the target lands
+    where they did."""
+    scheduler = diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2,
+                                                      final_sigmas_type="zero")  # fmt: skip
+    alphas_cumprod = scheduler.alphas_cumprod.double()
+    abar = abar_of(alphas_cumprod)
+
+    def teacher(z, u):  # linear, with values beyond [-1, 1] that the clipping cuts: not a Gaussian's ideal teacher
+        a = alphas_cumprod[u.clamp(min=0)].view(-1, 1)
+        return (1.5 * a.sqrt() / (a + 0.3 * (1 - a)) * z).clamp(-1, 1)
+
+    zt = torch.randn(4, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    target = progressive_target(teacher, zt, [torch.full((4,), u) for u in grid], abar, "dpmsolver++")
+    landed = ddim_step(target, zt, abar(torch.full((4,), grid[0])), abar(torch.full((4,), grid[-1])))
+    # diffusers, from grid[0] to grid[-1] (its last timestep, where the middle interval ends, is not stepped from)
+    scheduler.set_timesteps(timesteps=[u for u in grid if u >= 0])
+    z = zt
+    for u in scheduler.timesteps[: len(grid) - 1]:
+        a = alphas_cumprod[u]
+        epsilon = (z - a.sqrt() * teacher(z, torch.full((4,), int(u)))) / (1 - a).sqrt()  # read back as x^
+        z = scheduler.step(epsilon, u, z).prev_sample
+    torch.testing.assert_close(landed, z)
+    ddim = progressive_target(teacher, zt, [torch.full((4,), u) for u in grid], abar)
+    assert (ddim - target).abs().max() > 1e-3  # the second-order steps are not DDIM's

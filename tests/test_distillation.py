@@ -127,7 +127,9 @@ def test_arguments_refuse_steps_that_do_not_halve_and_set_the_run_length():
     assert [paper.steps_per_student_step(r) for r in range(3)] == [2, 2, 2]
     default = DistillationArguments()
     assert [default.round_steps(r) for r in range(default.num_rounds)] == [4, 2, 1]
-    assert default.steps_per_student_step(0) == 8 and default.steps_per_student_step(1) == 2
+    assert default.steps_per_student_step(0) == 4 and default.steps_per_student_step(1) == 2
+    assert default.teacher_solver == "dpmsolver++" and default.steps_per_round == [2000, 1500, 1500]
+    assert default.max_train_steps == 5000 and default.learning_rate == 1e-4
 
 
 def test_plain_diffusers_teacher_distils_to_a_student_that_plain_diffusers_samples(teacher, tmp_path):

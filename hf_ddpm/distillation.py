@@ -71,6 +71,7 @@ from hf_ddpm.training_args import TrainingArguments
 
 METHODS = tuple(DISTILLED_SAMPLERS)
 TEACHER_SOLVERS = ("ddim", "dpmsolver++")  # how progressive distillation runs the teacher between student steps
+FIRST_ROUND_STEPS, LATER_ROUND_STEPS = 2000, 1500  # the default --steps_per_round
 CONSISTENCY_STEPS = 1200  # the default --max_train_steps of --method consistency
 STUDENTS_DIR = "students"
 
@@ -135,10 +136,11 @@ class DistillationArguments(TrainingArguments):
                   "steps per student step; the paper's is half of --teacher_steps)"},
     )  # fmt: skip
     student_steps: int = field(default=1, metadata={"help": "steps of the last round's student"})
-    steps_per_round: list[int] = field(
-        default_factory=lambda: [2000, 1500, 1500],
-        metadata={"help": "optimizer steps per round: one number for every round, or one per round; more for a "
-                  "better student (the paper: 50k). The default's 3 rounds fit in 10 minutes on 2 idle CPU cores"},
+    steps_per_round: list[int] | None = field(
+        default=None,
+        metadata={"help": "optimizer steps per round: one number for every round, or one per round (default: 2000 "
+                  "for the first, 1500 for each later one; the default's 3 rounds fit in 10 minutes on 2 idle CPU "
+                  "cores); more for a better student (the paper: 50k)"},
     )  # fmt: skip
     # training's defaults, changed for a student that starts from its teacher
     output_dir: str = field(default="output-distilled", metadata={"help": "where the student, logs and checkpoints go"})
@@ -173,8 +175,6 @@ class DistillationArguments(TrainingArguments):
         for name in ("teacher_steps", "first_student_steps", "student_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        if min(self.steps_per_round) < 1:
-            raise ConfigError(f"--steps_per_round must be at least 1, got {min(self.steps_per_round)}")
         for bigger, smaller in (("teacher_steps", "first_student_steps"), ("first_student_steps", "student_steps")):
             ratio, rest = divmod(getattr(self, bigger), getattr(self, smaller))
             if rest or ratio < (2 if bigger == "teacher_steps" else 1) or ratio & (ratio - 1):
@@ -182,6 +182,9 @@ class DistillationArguments(TrainingArguments):
                     f"--{bigger} {getattr(self, bigger)} must be --{smaller} {getattr(self, smaller)} times a power "
                     "of 2 (each round halves the steps), e.g. --teacher_steps 64 --first_student_steps 8"
                 )
+        self.steps_per_round = self.steps_per_round or [FIRST_ROUND_STEPS] + [LATER_ROUND_STEPS] * (self.num_rounds - 1)
+        if min(self.steps_per_round) < 1:
+            raise ConfigError(f"--steps_per_round must be at least 1, got {min(self.steps_per_round)}")
         if self.timestep_sampler != "uniform":
             raise ConfigError("--timestep_sampler: distillation draws the student's steps uniformly; use uniform")
         if self.method == "progressive":

@@ -130,6 +130,8 @@ def test_arguments_refuse_steps_that_do_not_halve_and_set_the_run_length():
     assert default.steps_per_student_step(0) == 4 and default.steps_per_student_step(1) == 2
     assert default.teacher_solver == "dpmsolver++" and default.steps_per_round == [2000, 1500, 1500]
     assert default.max_train_steps == 5000 and default.learning_rate == 1e-4
+    paper_rounds = DistillationArguments(teacher_solver="ddim", first_student_steps=8)  # 4 rounds: 8 -> 4 -> 2 -> 1
+    assert paper_rounds.steps_per_round == [2000, 1500, 1500, 1500] and paper_rounds.steps_per_student_step(0) == 2
 
 
 def test_plain_diffusers_teacher_distils_to_a_student_that_plain_diffusers_samples(teacher, tmp_path):

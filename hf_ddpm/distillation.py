@@ -103,11 +103,15 @@ def progressive_target(
     z, previous = zt, None
     for t, s in itertools.pairwise(times):
         x0 = teacher_x0(z.to(zt.dtype), t)
-        step_x0, h = x0, _half_log_snr(abar(s)) - _half_log_snr(abar(t))
-        if solver == "dpmsolver++" and previous is not None and bool((abar(s) < 1).all()):
-            previous_x0, previous_h = previous
-            step_x0 = x0 + (x0 - previous_x0) * (h / (2 * previous_h))
-        z, previous = ddim_step(step_x0, z, abar(t), abar(s)), (x0, h)
+        abar_t, abar_s = abar(t), abar(s)
+        step_x0 = x0
+        if solver == "dpmsolver++":
+            h = _half_log_snr(abar_s) - _half_log_snr(abar_t)
+            if previous is not None:  # image by image: second order, or first into sigma = 0 (where h is infinite)
+                previous_x0, previous_h = previous
+                step_x0 = torch.where(abar_s < 1, x0 + (x0 - previous_x0) * (h / (2 * previous_h)), x0)
+            previous = x0, h
+        z = ddim_step(step_x0, z, abar_t, abar_s)
     ratio = ((1 - abar(times[-1])) / (1 - abar(times[0]))).sqrt()
     return (z - ratio * zt) / (abar(times[-1]).sqrt() - ratio * abar(times[0]).sqrt())
 

@@ -317,3 +317,9 @@ def test_the_dpmsolver_teacher_steps_are_diffusers_dpmsolver_multistep(grid):
     torch.testing.assert_close(landed, z)
     ddim = progressive_target(teacher, zt, [torch.full((4,), u) for u in grid], abar)
     assert (ddim - target).abs().max() > 1e-3  # the second-order steps are not DDIM's
+    # in a batch whose images end in different intervals (as a training batch does), each gets its own steps
+    other = (249, 187, 124, 62, -1) if grid[-1] >= 0 else (749, 687, 624, 562, 499)
+    mixed = [torch.tensor([u, u, v, v]) for u, v in zip(grid, other, strict=True)]
+    alone = progressive_target(teacher, zt, [torch.full((4,), v) for v in other], abar, "dpmsolver++")
+    torch.testing.assert_close(progressive_target(teacher, zt, mixed, abar, "dpmsolver++"),
+                               torch.cat([target[:2], alone[2:]]))  # fmt: skip

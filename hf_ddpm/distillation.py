@@ -112,8 +112,9 @@ def progressive_target(
                 step_x0 = torch.where(abar_s < 1, x0 + (x0 - previous_x0) * (h / (2 * previous_h)), x0)
             previous = x0, h
         z = ddim_step(step_x0, z, abar_t, abar_s)
-    ratio = ((1 - abar(times[-1])) / (1 - abar(times[0]))).sqrt()
-    return (z - ratio * zt) / (abar(times[-1]).sqrt() - ratio * abar(times[0]).sqrt())
+    abar_first, abar_last = abar(times[0]), abar(times[-1])
+    ratio = ((1 - abar_last) / (1 - abar_first)).sqrt()
+    return (z - ratio * zt) / (abar_last.sqrt() - ratio * abar_first.sqrt())
 
 
 def _half_log_snr(abar: Tensor) -> Tensor:
@@ -296,8 +297,7 @@ class Distiller(Trainer):
 
     def _abar(self, t: Tensor, like: Tensor) -> Tensor:
         """abar_t for integer t >= -1 (abar_{-1} = 1), broadcast against `like`, in float64."""
-        table = self.noise_scheduler.tables.alphas_cumprod.to(t.device)
-        abar = torch.where(t >= 0, table[t.clamp(min=0)], torch.ones_like(table[0]))
+        abar = torch.where(t >= 0, self.noise_scheduler.alphas_cumprod_at(t.clamp(min=0)), 1.0)
         return abar.view(-1, *([1] * (like.ndim - 1)))
 
     def _start_round(self, round_index: int) -> None:

@@ -403,6 +403,10 @@ class DDPMScheduler(diffusers.DDPMScheduler):
     # Training objective
     # ------------------------------------------------------------------------------------------------------
 
+    def alphas_cumprod_at(self, t: Tensor) -> Tensor:
+        """abar_t at timesteps t (B,); float64 (but on MPS) on t's device, from the per-device table cache."""
+        return self._coef_per_sample("alphas_cumprod", t)
+
     def snr(self, t: Tensor) -> Tensor:
         """Signal-to-noise ratio SNR(t) = abar_t / (1 - abar_t) at timesteps t (B,); float32 on t's device."""
         return self._coef_per_sample("snr", t).float()

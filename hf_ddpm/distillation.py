@@ -144,7 +144,7 @@ class DistillationArguments(TrainingArguments):
     steps_per_round: list[int] | None = field(
         default=None,
         metadata={"help": "optimizer steps per round: one number for every round, or one per round (default: 2000 "
-                  "for the first, 1500 for each later one; the default's 3 rounds fit in 10 minutes on 2 idle CPU "
+                  "for the first, 1500 for each later one; the default's 3 rounds take 10-12 minutes on 2 idle CPU "
                   "cores); more for a better student (the paper: 50k)"},
     )  # fmt: skip
     # training's defaults, changed for a student that starts from its teacher

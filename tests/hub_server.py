@@ -2,9 +2,10 @@
 
 It speaks the part of the Hub's HTTP API that huggingface_hub 2.x uses to create repos and branches, commit
 files (regular ones inline, large/binary ones through the LFS batch -> upload -> verify protocol), list them
-and download them (`resolve`, with the headers `file_download` needs), so that huggingface_hub and diffusers
-run unmodified against `http://127.0.0.1:<port>`. Clients must set `HF_HUB_DISABLE_XET=1`: this server does
-not speak xet.
+and download them (`resolve`, with the headers `file_download` needs, and byte ranges for `HfFileSystem`), so that
+huggingface_hub, diffusers and datasets (streaming too) run unmodified against `http://127.0.0.1:<port>`. Model
+and dataset repos are hosted; a dataset repo is kept in `repos` as "datasets/<id>", as its URLs name it. Clients
+must set `HF_HUB_DISABLE_XET=1`: this server does not speak xet.
 
     with HubServer(tokens={"hf_alice": "alice"}) as hub:
         HfApi(endpoint=hub.url, token="hf_alice").create_repo("alice/m", private=True)
@@ -88,7 +89,7 @@ class Repo:
 
     @property
     def namespace(self) -> str:
-        return self.repo_id.split("/")[0]
+        return self.repo_id.removeprefix("datasets/").split("/")[0]
 
 
 @dataclass(frozen=True)
@@ -245,6 +246,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         url = urlsplit(self.path)
+        # a dataset repo's routes are a model repo's with "datasets/" after "/api/" or "/"; the handlers see the id
+        path, self.kind = url.path, ""
+        for prefix, replacement in (("/api/datasets/", "/api/models/"), ("/datasets/", "/")):
+            if path.startswith(prefix):
+                path, self.kind = replacement + path.removeprefix(prefix), "datasets/"
+                break
         self.query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         self.body = self._read_body()
         self.user: str | None = None
@@ -259,7 +266,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _HttpError(fault.status, f"injected failure {fault.status}", headers=fault.headers)
             self.user = self._authenticate()
             for method, pattern, handler in _ROUTES:
-                match = pattern.match(url.path)
+                match = pattern.match(path)
                 if match and self.command in method:
                     args = {k: unquote(v) for k, v in match.groupdict().items() if v is not None}
                     with self.hub._lock:
@@ -324,7 +331,7 @@ class _Handler(BaseHTTPRequestHandler):
         return self.can_write and namespace in self._namespaces()
 
     def _readable(self, repo_id: str) -> Repo:
-        repo = self.hub.repos.get(repo_id)
+        repo = self.hub.repos.get(self.kind + repo_id)
         if repo is None or (repo.private and repo.namespace not in self._namespaces()):
             raise _HttpError(401 if self.user is None else 404, "Repository not found", code="RepoNotFound")
         return repo
@@ -364,15 +371,16 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HttpError(401, "You must be authenticated to create a repository")
         payload = self._json()
         namespace = payload.get("organization") or self.user
-        if payload.get("type") not in (None, "model"):
-            raise _HttpError(400, "this fake Hub only hosts model repos")
+        if payload.get("type") not in (None, "model", "dataset"):
+            raise _HttpError(400, "this fake Hub hosts model and dataset repos only")
         if not self._may_write_to(namespace):
             raise _HttpError(403, f"You don't have the rights to create a repository under {namespace}")
         repo_id = f"{namespace}/{payload['name']}"
-        url = f"{self.hub.url}/{repo_id}"
-        if repo_id in self.hub.repos:
-            raise _HttpError(409, "You already created this model repo", payload={"url": url})
-        repo = self.hub.repos[repo_id] = Repo(repo_id, private=payload.get("visibility") == "private")
+        key = ("datasets/" if payload.get("type") == "dataset" else "") + repo_id
+        url = f"{self.hub.url}/{key}"
+        if key in self.hub.repos:
+            raise _HttpError(409, "You already created this repo", payload={"url": url})
+        repo = self.hub.repos[key] = Repo(key, private=payload.get("visibility") == "private")
         gitattributes = Blob(size=len(GITATTRIBUTES), data=GITATTRIBUTES.encode())
         repo.branches["main"] = self.hub._new_commit(
             repo, None, "initial commit", {".gitattributes": gitattributes}
@@ -449,7 +457,7 @@ class _Handler(BaseHTTPRequestHandler):
                 answer["authenticated"] = True
                 answer["actions"] = {
                     "upload": {"href": f"{self.hub.url}/lfs-upload/{obj['oid']}"},
-                    "verify": {"href": f"{self.hub.url}/{repo}.git/info/lfs/objects/verify", "header": {}},
+                    "verify": {"href": f"{self.hub.url}/{self.kind}{repo}.git/info/lfs/objects/verify", "header": {}},
                 }
             objects.append(answer)
         return 200, {"transfer": "basic", "objects": objects}, {"Content-Type": "application/vnd.git-lfs+json"}
@@ -498,7 +506,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _HttpError(400, f"unknown commit operation {key!r}")
         commit = self.hub._new_commit(model, head.oid, header["summary"], files)
         model.branches[revision] = commit.oid
-        url = f"{self.hub.url}/{repo}/commit/{commit.oid}"
+        url = f"{self.hub.url}/{self.kind}{repo}/commit/{commit.oid}"
         return 200, {"success": True, "commitOid": commit.oid, "commitUrl": url, "pullRequestUrl": None}, {}
 
     def _entries(self, commit: Commit, paths: list[str] | None, folder: str, recursive: bool) -> list[dict]:
@@ -540,7 +548,17 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {"X-Repo-Commit": commit.oid, "ETag": f'"{blob.oid}"', "Content-Length": str(blob.size)}
         if blob.sha256 is not None:
             headers.update({"X-Linked-Etag": f'"{blob.sha256}"', "X-Linked-Size": str(blob.size)})
-        return 200, self.hub.content(blob), headers
+        content = self.hub.content(blob)
+        ranged = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", "").strip())
+        if ranged is None or not any(ranged.groups()):
+            return 200, content, headers
+        first, last = ranged.groups()  # "a-b", "a-" or the last b bytes "-b"
+        start = int(first) if first else max(blob.size - int(last), 0)
+        end = min(int(last) if first and last else blob.size - 1, blob.size - 1)
+        if start > end:
+            raise _HttpError(416, f"range {self.headers['Range']} is outside {blob.size} bytes")
+        headers.update({"Content-Range": f"bytes {start}-{end}/{blob.size}", "Content-Length": str(end - start + 1)})
+        return 206, content[start : end + 1], headers
 
 
 _ROUTES = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import tarfile
 from pathlib import Path
@@ -14,8 +15,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import PYTHON, REPO_ROOT
+from hub_server import HubServer
+from huggingface_hub import HfApi, constants
 from PIL import Image
 from safetensors.torch import load_file
+from test_hub import client_env
 from test_training import FAST, stopped_after_first_checkpoint, weights
 
 from hf_ddpm import checkpointing
@@ -148,6 +152,22 @@ def test_bad_image_names_its_shard_and_key_or_is_skipped_and_counted(tmp_path):
     assert stream.state_dict()["num_skipped"] == 1 and not any("key 010003" in name for name in stream.names())
 
 
+@pytest.mark.parametrize("path", ["seven.png", None], ids=["stored-file-name", "no-file-name"])
+def test_a_bad_parquet_row_is_named_by_its_stored_file_name_or_its_place(tmp_path, path):
+    """datasets keeps an embedded image file's name in the image column; without one, the row's place names it."""
+    good = io.BytesIO()
+    Image.new("RGB", (9, 9)).save(good, "PNG")
+    images = [{"bytes": good.getvalue(), "path": f"{i}.png"} for i in range(3)] + [{"bytes": b"no", "path": path}]
+    (tmp_path / "parquet").mkdir()
+    datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()})).to_parquet(
+        tmp_path / "parquet/train-00000.parquet"
+    )
+    stream = make_stream(tmp_path / "parquet", batch_size=4)
+    named = "seven.png" if path else r"row \d of epoch 0 of process 0's share"
+    with pytest.raises(DataError, match=rf"{named} is not a readable image"):
+        stream.batch(0, torch.Generator())
+
+
 def test_streaming_needs_max_train_steps_and_a_dataset(shards, tmp_path):
     with pytest.raises(ConfigError, match="--streaming needs --max_train_steps"):
         parse_training_args(stream_args(shards, "--num_epochs", "2"))
@@ -229,3 +249,57 @@ def test_resuming_a_stream_needs_every_process_position(shards, tmp_path):
     resumed = Trainer(parse_training_args([*args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"]))
     with pytest.raises(TrainingError, match=r"the stream positions of 2 processes; .* same number of processes \(1"):
         resumed.train()
+
+
+_HUB_STREAM = """
+import json, sys, torch
+from hf_ddpm.streaming import open_stream
+from hf_ddpm.training_args import parse_training_args
+
+def batches(dataset):
+    args = parse_training_args([*sys.argv[2:], "--dataset_name", dataset])
+    stream = open_stream(args, 8, 3, seed=0, rank=0, world_size=1)
+    out = [stream.batch(step, torch.Generator().manual_seed(step), random_flip=True) for step in range(6)]
+    stream.close()
+    return torch.stack(out)
+
+print(json.dumps({"equal": torch.equal(batches("alice/digits"), batches(sys.argv[1]))}))
+"""
+
+
+def test_a_hub_dataset_id_streams_the_images_its_shards_hold(shards, tmp_path, monkeypatch):
+    """`--streaming --dataset_name alice/digits`: datasets finds the repo's parquet shards through huggingface_hub
+    and reads them by byte ranges (the fake Hub, online), and the stream serves the very images, in the same order,
+    that the same shards on disk give; then a run trains from it and resumes its stream from a checkpoint."""
+    local = as_other_source(shards, "parquet", tmp_path / "parquet")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with HubServer(tokens={"hf_alice": "alice"}) as hub:
+        api = HfApi(endpoint=hub.url, token="hf_alice")
+        api.create_repo("alice/digits", repo_type="dataset")
+        api.upload_folder(folder_path=local, path_in_repo="data", repo_id="alice/digits", repo_type="dataset")
+        env = {**client_env(hub, tmp_path / "hf-home", tmp_path / "hub-cache"),
+               "HF_DATASETS_CACHE": str(tmp_path / "datasets-cache"), "OMP_NUM_THREADS": "1"}  # fmt: skip
+        flags = [*FAST, "--streaming", "--max_train_steps", "6", "--train_batch_size", "5", "--shuffle_buffer_size",
+                 "7", "--checkpointing_steps", "3"]  # fmt: skip
+
+        def run(*command: str) -> subprocess.CompletedProcess:
+            proc = subprocess.run([PYTHON, *command], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                  timeout=300)  # fmt: skip
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            return proc
+
+        compared = run("-c", _HUB_STREAM, str(local), *flags)
+        assert json.loads(compared.stdout.strip().splitlines()[-1]) == {"equal": True}
+        ranged = [r for r in hub.requests_matching("/datasets/alice/digits/resolve/", "GET") if r.status == 206]
+        assert ranged, "the parquet shards were not read by byte ranges"
+
+        train = [str(REPO_ROOT / "scripts/train.py"), *flags, "--dataset_name", "alice/digits"]
+        run(*train, "--output_dir", "straight")
+        checkpoint = tmp_path / "straight/checkpoints/checkpoint-3"
+        state = json.loads((checkpoint / checkpointing.STATE_FILE).read_text())
+        assert state["stream_positions"][0]["num_images"] == 15
+        shutil.copytree(checkpoint, tmp_path / "resumed/checkpoints/checkpoint-3")
+        resumed = run(*train, "--output_dir", "resumed", "--resume_from_checkpoint", "latest")
+    assert "resum" in resumed.stderr.lower()
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a), "the run resumed from the Hub stream ended with other weights"

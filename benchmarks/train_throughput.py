@@ -13,9 +13,12 @@
 Neither side updates a progress bar, writes trackers or checkpoints. The sides alternate, one round of --steps
 optimizer steps each (the order swapped every round), after one warm-up round each that is not counted (it holds
 the compilation under --torch_compile). It prints the hardware, the median and spread (min-max) of img/s over
-the rounds for each side, their ratio, peak memory, and a profile of --profile_steps of hf_ddpm's steps by the
-`record_function` labels of `hf_ddpm.trainer.STEP_PHASES`. --torch_compile and --channels_last apply to (a)
-only; --mixed_precision to both (accelerate keeps one precision per process). --json writes the figures.
+the rounds for each side, their ratio, peak memory, the share of hf_ddpm's step outside forward/backward and the
+optimizer (against `core_step`, the same step on one reused batch without EMA or logging, one step of each in
+turn), and a profile of --profile_steps of hf_ddpm's steps by the `record_function` labels of
+`hf_ddpm.trainer.STEP_PHASES` (the profiler's cost per op inflates the phases of small ops). --torch_compile and
+--channels_last apply to (a) only; --mixed_precision to both (accelerate keeps one precision per process).
+--json writes the figures.
 """
 
 from __future__ import annotations
@@ -135,6 +138,39 @@ def hf_ddpm_step(trainer: Trainer) -> Callable[[], None]:
     return step
 
 
+def core_step(trainer: Trainer) -> Callable[[], None]:
+    """`Trainer.step()` with only forward/backward and the optimizer left: one micro-batch, made once, reused, and
+    no EMA or logging. (a)'s time minus this is the step's overhead, measured without a profiler (whose cost per
+    recorded op inflates the phases made of small ops: data, noise, EMA)."""
+    cached = trainer._batch(0)
+
+    def step() -> None:
+        ema, posthoc_ema = trainer.ema, trainer.posthoc_ema
+        trainer._batch, trainer.ema, trainer.posthoc_ema = lambda micro_step: cached, None, None  # type: ignore
+        try:
+            trainer.step()
+        finally:
+            del trainer._batch
+            trainer.ema, trainer.posthoc_ema = ema, posthoc_ema
+
+    return step
+
+
+def overhead_share(full: Callable[[], None], core: Callable[[], None], steps: int, device: torch.device,
+                   blocks: int = 5) -> dict[str, float]:  # fmt: skip
+    """1 - core / full from median step times, one step of each in turn (the machine's drift, which moves whole
+    rounds on a shared CPU by 10-20%, then falls on both alike); min-max over `blocks` consecutive blocks."""
+    times: dict[str, list[float]] = {"full": [], "core": []}
+    for _ in range(steps):
+        for name, step in (("full", full), ("core", core)):
+            times[name].append(timed_round(step, 1, device))
+    size = max(steps // blocks, 1)
+    shares = [1 - statistics.median(times["core"][i : i + size]) / statistics.median(times["full"][i : i + size])
+              for i in range(0, steps - size + 1, size)]  # fmt: skip
+    share = 1 - statistics.median(times["core"]) / statistics.median(times["full"])
+    return {"median": share, "min": min(shares), "max": max(shares), "steps": steps}
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -210,6 +246,11 @@ def report(results: dict[str, Any]) -> str:
     if results["hf_ddpm"]["peak_memory_mib"] is None:
         rss = results["max_rss_mib"]
         lines.append(f"peak memory (CPU): the process's max RSS, both sides and the data together: {rss:.0f} MiB")
+    overhead = results["overhead"]
+    lines.append(f"hf_ddpm's step outside forward/backward and the optimizer (data, noise, EMA, logging), unprofiled "
+                 f"against the same step on one reused batch without EMA or logging, {overhead['steps']} steps of "
+                 f"each alternated: {100 * overhead['median']:.1f}% of the median step (per fifth of the steps "
+                 f"{100 * overhead['min']:.1f}-{100 * overhead['max']:.1f}%)")  # fmt: skip
     profiled = results["profile"]
     lines += ["", f"hf_ddpm's step, {profiled['steps']} steps profiled: {profiled['wall_ms']:.2f} ms per step (wall)"]
     accounted = 0.0
@@ -233,6 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=50, help="optimizer steps per round and side")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per side, after one warm-up round")
     parser.add_argument("--profile_steps", type=int, default=20)
+    parser.add_argument("--overhead_steps", type=int, default=150, help="steps of each, alternated one by one")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     options = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="train_throughput-") as tmp:
@@ -247,6 +289,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         reference = ReferenceLoop(trainer.args, trainer.unet.config, trainer.data, trainer.accelerator)
         sides = {"hf_ddpm": hf_ddpm_step(trainer), "reference": reference.step}
         seconds, peak = measure(sides, options.steps, options.rounds, device)
+        overhead = overhead_share(sides["hf_ddpm"], core_step(trainer), options.overhead_steps, device)
         profiled = profile_phases(sides["hf_ddpm"], options.profile_steps, device)
     results: dict[str, Any] = {
         "preset": options.preset, "batch_size": options.batch_size, "mixed_precision": options.mixed_precision,
@@ -260,6 +303,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results[name] = {**side, "peak_memory_mib": peak[name] / 2**20 if peak[name] is not None else None}
     ratios = [b / a for a, b in zip(seconds["hf_ddpm"], seconds["reference"], strict=True)]
     results["ratio"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+    results["overhead"] = overhead
     print(report(results))
     if options.json:
         options.json.write_text(json.dumps(results, indent=2))

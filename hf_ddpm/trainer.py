@@ -43,7 +43,6 @@ from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_s
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.pipelines import DiffusionPipeline
-from diffusers.training_utils import EMAModel
 from torch.profiler import record_function
 from tqdm.auto import tqdm
 
@@ -303,7 +302,7 @@ class Trainer:
         self.accelerator.register_for_checkpointing(self.timestep_sampler)
         self.ema = None
         if args.use_ema:
-            self.ema = EMAModel(
+            self.ema = speed.LerpEMA(
                 self.unet.parameters(),
                 decay=args.ema_max_decay,
                 use_ema_warmup=True,
@@ -461,7 +460,7 @@ class Trainer:
         if self.optimizer.param_groups[0].get("fused"):
             levers.append("fused AdamW")
         if self.ema is not None and self.ema.foreach:
-            levers.append("foreach EMA")
+            levers.append("foreach-lerp EMA")
         if self.batches.depth:
             levers.append(f"{self.batches.depth} batches prefetched")
         return ", ".join(levers)

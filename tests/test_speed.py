@@ -44,7 +44,7 @@ def assert_close_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 def test_channels_last_trains_the_eager_model_and_resumes_exactly(tmp_path):
     eager, _ = run(tmp_path, *STEPS, name="eager")
     fast, results = run(tmp_path, *STEPS, "--channels_last", name="channels_last")
-    assert results["speed_settings"] == "eager UNet, channels_last, fused AdamW, foreach EMA"
+    assert results["speed_settings"] == "eager UNet, channels_last, fused AdamW, foreach-lerp EMA"
     assert_close_weights(weights(eager), weights(fast))
     checkpoint = load_file(fast / "checkpoints/checkpoint-4/model.safetensors")
     assert_close_weights(load_file(eager / "checkpoints/checkpoint-4/model.safetensors"), checkpoint)
@@ -57,7 +57,7 @@ def test_channels_last_trains_the_eager_model_and_resumes_exactly(tmp_path):
 def test_torch_compile_trains_the_eager_model_keeps_plain_names_and_resumes_exactly(tmp_path):
     eager, _ = run(tmp_path, *STEPS, name="eager")
     compiled, results = run(tmp_path, *STEPS, "--torch_compile", name="compiled")
-    assert results["speed_settings"] == "compiled UNet, NCHW, fused AdamW, foreach EMA"
+    assert results["speed_settings"] == "compiled UNet, NCHW, fused AdamW, foreach-lerp EMA"
     assert_close_weights(weights(eager), weights(compiled))
     trained = load_file(compiled / "checkpoints/checkpoint-4/model.safetensors")
     assert not [key for key in trained if "_orig_mod" in key]
@@ -119,7 +119,7 @@ def test_a_failing_compile_warns_once_and_trains_eager(tmp_path, monkeypatch, ca
     assert len(warned) == 1 and warned[0].endswith(
         "--torch_compile: compiling failed (RuntimeError: no C++ compiler); running eager"
     )
-    assert trainer.train()["speed_settings"] == "eager UNet, NCHW, fused AdamW, foreach EMA"
+    assert trainer.train()["speed_settings"] == "eager UNet, NCHW, fused AdamW, foreach-lerp EMA"
     assert all(p.grad is None for p in trainer.unet.parameters())
 
 
@@ -175,15 +175,17 @@ def test_adamw_is_fused_on_cuda_and_cpu_and_the_trainer_uses_the_choice(tmp_path
     assert speed.adamw_options(torch.device("meta")) == {}
     trainer = Trainer(parse_training_args([*FAST, "--output_dir", str(tmp_path / "o"), *STEPS]))
     assert trainer.optimizer.param_groups[0]["fused"] is True
+    assert isinstance(trainer.ema, speed.LerpEMA)
     monkeypatch.setattr(speed, "adamw_options", lambda device: {})
     trainer = Trainer(parse_training_args([*FAST, "--output_dir", str(tmp_path / "p"), *STEPS]))
     assert not trainer.optimizer.param_groups[0].get("fused")
     assert trainer.train()["speed_settings"].startswith("eager UNet, NCHW")
 
 
-def test_fused_adamw_and_foreach_ema_make_the_update_of_the_plain_loops():
+def test_fused_adamw_and_lerp_ema_make_the_update_of_the_plain_loops():
     """The fast optimizer and EMA are the same algorithms: after a few steps on the same gradients, the weights
-    and the EMA agree with torch's per-parameter AdamW and diffusers' per-parameter EMA to float rounding."""
+    and the EMA (warm-up decay included) agree with torch's per-parameter AdamW and diffusers' per-parameter EMA to
+    float rounding."""
     torch.manual_seed(0)
     shapes = [(64, 32, 3, 3), (64,), (10, 7)]
     start = [torch.randn(s) for s in shapes]
@@ -193,7 +195,8 @@ def test_fused_adamw_and_foreach_ema_make_the_update_of_the_plain_loops():
         params = [torch.nn.Parameter(p.clone()) for p in start]
         options = speed.adamw_options(torch.device("cpu")) if fast else {}
         optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, **options)
-        ema = EMAModel(params, decay=0.9, **(speed.EMA_OPTIONS if fast else {}))
+        ema = (speed.LerpEMA(params, decay=0.9, use_ema_warmup=True, **speed.EMA_OPTIONS) if fast else
+               EMAModel(params, decay=0.9, use_ema_warmup=True))  # fmt: skip
         for step_grads in grads:
             for p, g in zip(params, step_grads, strict=True):
                 p.grad = g.clone()
@@ -205,6 +208,7 @@ def test_fused_adamw_and_foreach_ema_make_the_update_of_the_plain_loops():
     for plain, fast in (weights, emas):
         for a, b in zip(plain, fast, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(emas[1][0], weights[1][0]) and ema.optimization_step == len(grads)
 
 
 def benchmark(script: str, *args: str) -> str:
@@ -221,6 +225,8 @@ def test_train_throughput_measures_both_loops_and_profiles_every_phase(tmp_path)
     assert results["hf_ddpm"]["median"] > 0 and results["reference"]["median"] > 0
     assert set(results["profile"]["phases"]) == {"data", "noise", "forward_backward", "optimizer", "ema", "logging"}
     assert results["profile"]["phases"]["forward_backward"]["host_ms"] > 0
+    assert -1 < results["overhead"]["min"] <= results["overhead"]["median"] <= results["overhead"]["max"] < 1
+    assert "outside forward/backward and the optimizer" in out
     assert "hf_ddpm / reference" in out and "CPU" in out
 
 

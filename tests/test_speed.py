@@ -230,6 +230,16 @@ def test_train_throughput_measures_both_loops_and_profiles_every_phase(tmp_path)
     assert "hf_ddpm / reference" in out and "CPU" in out
 
 
+def test_data_throughput_times_both_paths_and_the_steps_consumption(tmp_path):
+    out = benchmark("data_throughput.py", "--resolutions", "8", "--num_images", "16", "--num_shards", "2", "--workers",
+                    "0", "1", "--batch_size", "4", "--batches", "2", "--presets", "tiny-8", "--train_batch_size", "2",
+                    "--train_steps", "1", "--json", str(tmp_path / "d.json"))  # fmt: skip
+    rows = json.loads((tmp_path / "d.json").read_text())["rows"]
+    assert [(row["path"], row["workers"]) for row in rows] == [
+        ("cached (get_batch)", "-"), ("streaming", 0), ("streaming", 1), ("training consumes (tiny-8)", "-")]
+    assert all(row["img_s"] > 0 for row in rows) and "| streaming | 8 | 1 |" in out
+
+
 def test_sample_throughput_finds_eager_identical_to_plain_diffusers(tmp_path):
     model, _ = run(tmp_path, "--max_train_steps", "1", "--checkpointing_steps", "1")
     figures = tmp_path / "s.json"

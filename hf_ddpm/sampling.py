@@ -305,11 +305,13 @@ def generate(
         return torch.cat(batches)
 
     was_training = pipe.unet.training
-    pipe.unet.eval()  # no dropout, also when called from a training loop
+    if was_training:  # no dropout, also when called from a training loop (a mode change walks every module)
+        pipe.unet.eval()
     try:
         return run_sharded(draw, num_images, accelerator)
     finally:
-        pipe.unet.train(was_training)
+        if was_training:
+            pipe.unet.train()
 
 
 def _literal(value: Any) -> str:

@@ -80,6 +80,17 @@ def test_every_sampler_gives_uint8_images_and_leaves_the_pipeline_alone(pipe, sa
     assert not pipe.scheduler.config.thresholding
 
 
+def test_sampling_runs_without_dropout_and_leaves_the_unets_mode_as_it_was():
+    torch.manual_seed(0)
+    unet = build_unet("tiny-8", dropout=0.5).eval()
+    pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler())
+    evaluated = generate(pipe, 2, sampler="ddim", num_inference_steps=2, progress=False)
+    assert not unet.training
+    unet.train()
+    assert torch.equal(generate(pipe, 2, sampler="ddim", num_inference_steps=2, progress=False), evaluated)
+    assert unet.training
+
+
 def test_rgb_and_plain_diffusers_pipelines():
     torch.manual_seed(0)
     rgb = DiffusersDDPMPipeline(unet=build_unet("small-16-rgb"), scheduler=DDPMScheduler())

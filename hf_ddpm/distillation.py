@@ -356,8 +356,9 @@ class ConsistencyDistiller(Distiller):
         """The student and the teacher as progressive distillation has them; the noise levels: the teacher's range,
         sigma_min at t = 0 to sigma_max at t = T - 1, in diffusers' Karras spacing."""
         unet, process = super().build_model()
-        abar = process.tables.alphas_cumprod
-        self.log_sigmas = ((1 - abar) / abar).sqrt().log()  # increasing in t, float64
+        device = self.accelerator.device
+        abar = process.alphas_cumprod_at(torch.arange(process.config.num_train_timesteps, device=device))
+        self.log_sigmas = ((1 - abar) / abar).sqrt().log()  # increasing in t, on the device, float64 (but MPS)
         # float32 values: the scheduler's last step adds noise of std sqrt(sigma_next^2 - sigma_min^2) with
         # sigma_next = float32(sigma_min), which is NaN if rounding made it smaller than the config's sigma_min
         sigma_min, sigma_max = self.log_sigmas[[0, -1]].exp().float().tolist()
@@ -379,7 +380,7 @@ class ConsistencyDistiller(Distiller):
         1 / sqrt(1 + sigma^2), and the (fractional) timestep whose sigma_t / alpha_t is sigma (log-sigma linear
         between the table's), clipped where the teacher's sampling clips."""
         alpha = (1 + sigma.square()).rsqrt().view(-1, *([1] * (x.ndim - 1)))
-        log_sigmas = self.log_sigmas.to(x.device)
+        log_sigmas = self.log_sigmas
         upper = torch.searchsorted(log_sigmas, sigma.log()).clamp(1, len(log_sigmas) - 1)
         below = log_sigmas[upper - 1]
         t = (upper - 1 + (sigma.log() - below) / (log_sigmas[upper] - below)).clamp(0, len(log_sigmas) - 1)

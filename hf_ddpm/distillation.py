@@ -63,6 +63,7 @@ from hf_ddpm import checkpointing, distributed
 from hf_ddpm.arguments import parse_into_dataclasses
 from hf_ddpm.errors import ConfigError
 from hf_ddpm.hub import load_pipeline
+from hf_ddpm.model_card import STUDENTS_DIR
 from hf_ddpm.pipeline import DDPMPipeline
 from hf_ddpm.sampling import DISTILLED_SAMPLERS
 from hf_ddpm.scheduler import DDPMScheduler
@@ -73,7 +74,6 @@ METHODS = tuple(DISTILLED_SAMPLERS)
 TEACHER_SOLVERS = ("ddim", "dpmsolver++")  # how progressive distillation runs the teacher between student steps
 FIRST_ROUND_STEPS, LATER_ROUND_STEPS = 2000, 1500  # the default --steps_per_round
 CONSISTENCY_STEPS = 1200  # the default --max_train_steps of --method consistency
-STUDENTS_DIR = "students"
 
 logger = get_logger(__name__)  # accelerate's: logs on the main process only
 

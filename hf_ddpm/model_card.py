@@ -41,6 +41,7 @@ TEMPLATE_NAME = "ddpm.md.jinja"
 LICENSE = "apache-2.0"
 TASK = "unconditional-image-generation"
 TAGS = ["pytorch", "diffusers", TASK, "ddpm", "hf_ddpm"]
+STUDENTS_DIR = "students"  # a distillation run's students of every round, <N>-step/ each; the card lists them
 _METRIC_LABELS = {
     "fid": "FID",
     "kid": "KID",
@@ -326,9 +327,9 @@ def _steps_rows(folder: Path, evaluations: list[dict[str, Any]], distilled: dict
     """Rows (student, steps, metric, value, samples) of the measured quality per step count: this folder's
     entries and those of each round's student in students/<N>-step/, each sampled at its own steps."""
     rows = []
-    students = sorted((folder / "students").glob("*-step"), key=lambda p: int(p.name.split("-")[0]))
+    students = sorted((folder / STUDENTS_DIR).glob("*-step"), key=lambda p: int(p.name.split("-")[0]))
     for name, entries in [(".", evaluations)] + [
-        (f"students/{p.name}", _read_json(p / "eval_results.json").get("results", [])) for p in students
+        (f"{STUDENTS_DIR}/{p.name}", _read_json(p / "eval_results.json").get("results", [])) for p in students
     ]:
         for entry in entries:
             if entry.get("sampler") == distilled["sampler"] and entry.get("num_inference_steps"):

@@ -6,8 +6,9 @@
 
 Both sides draw --num_images images with `hf_ddpm.sampling.generate` in batches of --batch_size, after one
 untimed warm-up batch each (which also counts the UNet evaluations per image with a forward hook, so the steps
-are measured, not assumed). Each round times the student then the teacher, so a load change on a shared machine
-hits both sides of a round; the ratio is the student's median images/s over the teacher's, and the spread of the
+are measured, not assumed). Each round times the student then the teacher, the side with fewer UNet calls drawing
+its images that many times more (so both run about as long), so a load change on a shared machine hits both sides
+of a round; the ratio is the student's median images/s over the teacher's, and the spread of the
 per-round ratios says how much the machine moved. UNet evaluations per second (images x evaluations / s) of the
 two sides tell whether one UNet call costs the same in both: the images/s ratio is the evaluations-per-image
 ratio times theirs. --json writes the figures.
@@ -107,19 +108,24 @@ def main(argv: list[str] | None = None) -> None:
         draws[name] = draw
         # warm-up (kernels chosen, caches filled), counting the UNet calls on the way
         evals_per_image[name] = unet_evaluations_per_image(pipe, lambda d=draw: d(min(options.batch_size, n)))
+    # the side with fewer UNet calls draws its images that many times more a round, so that both sides of a round
+    # run about as long and a burst of load on a shared machine cannot fall on a short side alone
+    repeats = {name: max(1, round(max(evals_per_image.values()) / calls)) for name, calls in evals_per_image.items()}
     seconds: dict[str, list[float]] = {name: [] for name in draws}
     for _ in range(options.rounds):
         for name, draw in draws.items():
             began = time.perf_counter()
-            draw(n)
+            for _ in range(repeats[name]):
+                draw(n)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            seconds[name].append(time.perf_counter() - began)
+            seconds[name].append((time.perf_counter() - began) / repeats[name])
     where = speed.cpu_name() + f", {torch.get_num_threads()} torch threads" if device.type == "cpu" else \
         torch.cuda.get_device_name(device)  # fmt: skip
     print(f"student_speed: student {options.student} ({options.student_sampler} {options.student_steps} steps), "
           f"teacher {options.teacher} ({options.teacher_sampler} {options.teacher_steps} steps); {n} images in "
-          f"batches of {options.batch_size}, {options.rounds} rounds alternating; {where}; "
+          f"batches of {options.batch_size} (the student's drawn {repeats['student']} times a round, the "
+          f"teacher's {repeats['teacher']}), {options.rounds} rounds alternating; {where}; "
           f"torch {torch.__version__}")  # fmt: skip
     figures = summarize(n, seconds, evals_per_image)
     print("\n".join(report(figures)))

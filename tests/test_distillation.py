@@ -287,6 +287,7 @@ def test_student_speed_times_both_sides_and_counts_their_unet_calls(teacher, tmp
     assert results["ratio"] > 0 and len(results["round_ratios"]) == 1
     assert f"student / teacher images per second: {results['ratio']:.1f}x (goal >= 20x: " in out
     assert "UNet calls per image: student 1, teacher 3" in out and "torch threads" in out
+    assert "(the student's drawn 3 times a round, the teacher's 1)" in out  # both sides of a round as long
     assert "UNet evaluations per second (images x calls / s): student" in out
 
 

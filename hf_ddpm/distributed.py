@@ -182,6 +182,7 @@ class Stream(enum.IntEnum):
     MICRO_BATCHES = 1  # augmentation, timesteps and noise of micro-step m on rank r: key (seed, m, r)
     EPOCH_ORDER = 2  # the data permutation of epoch e: key (seed, e)
     STREAM_WINDOWS = 3  # --streaming: the permutation of window w of epoch e on rank r: key (seed, e, w, r)
+    STREAM_SHARDS = 4  # --streaming: the shard order of epoch e, the same on every rank: key (seed, e)
 
 
 def seeded_generator(stream: Stream, seed: int, *key: int, device: str | torch.device = "cpu") -> torch.Generator:

@@ -30,6 +30,7 @@ from hf_ddpm.trainer import Trainer
 from hf_ddpm.training_args import parse_training_args
 
 SHARDS, PER_SHARD = 4, 15
+STREAM_FAST = FAST[: FAST.index("--max_train_samples")] + FAST[FAST.index("--max_train_samples") + 2 :]
 
 
 def write_shards(folder: Path, bad: set[str] = frozenset()) -> Path:
@@ -56,13 +57,13 @@ def shards(tmp_path_factory) -> Path:
 
 
 def stream_args(shards: Path, *extra: str) -> list[str]:
-    return [*FAST, "--streaming", "--dataset_name", str(shards), "--shuffle_buffer_size", "7", *extra]
+    return [*STREAM_FAST, "--streaming", "--dataset_name", str(shards), "--shuffle_buffer_size", "7", *extra]
 
 
-def make_stream(shards: Path, *extra: str, batch_size: int = 4) -> ImageStream:
+def make_stream(shards: Path, *extra: str, batch_size: int = 4, rank: int = 0, world_size: int = 1) -> ImageStream:
     args = parse_training_args([*stream_args(shards, "--max_train_steps", "1", *extra),
                                 "--train_batch_size", str(batch_size)])  # fmt: skip
-    return open_stream(args, 8, 3, seed=args.seed, rank=0, world_size=1)
+    return open_stream(args, 8, 3, seed=args.seed, rank=rank, world_size=world_size)
 
 
 def recording(trainer: Trainer) -> list[list[str]]:
@@ -126,13 +127,16 @@ def test_windows_are_shuffled_epochs_reshuffled_and_a_restored_position_goes_on_
     epoch0 = [name for batch in seen[:15] for name in batch]
     assert len(set(epoch0)) == 60 and sorted(epoch0) != epoch0, "epoch 0 is every image once, shuffled"
     assert [name for batch in seen[15:30] for name in batch] != epoch0, "epoch 1 is another order"
-    for stop in (3, 15, 22):  # inside a window, at an epoch's end, inside epoch 1
+    for stop in (3, 4, 15, 22):  # inside a window, in one that spans two shards, at an epoch's end, in epoch 1
         first = make_stream(shards, "--dataloader_num_workers", "2")
         head = names(first, range(stop))
         resumed = make_stream(shards)  # and without workers: the order does not depend on them
         resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
         assert head + names(resumed, range(stop, 40)) == seen, stop
     assert straight.state_dict()["num_images"] == 160 and straight.state_dict()["epoch"] == 2
+    older = {**straight.state_dict(), "window_start": {"examples_iterable": {"shard_idx": 1}}}
+    with pytest.raises(DataError, match="older than shard-by-shard streaming"):
+        make_stream(shards).load_state_dict(older)
 
 
 def test_the_last_batch_is_served_again_for_the_same_micro_step(shards):
@@ -153,19 +157,48 @@ def test_bad_image_names_its_shard_and_key_or_is_skipped_and_counted(tmp_path):
 
 
 @pytest.mark.parametrize("path", ["seven.png", None], ids=["stored-file-name", "no-file-name"])
-def test_a_bad_parquet_row_is_named_by_its_stored_file_name_or_its_place(tmp_path, path):
-    """datasets keeps an embedded image file's name in the image column; without one, the row's place names it."""
+def test_a_bad_parquet_row_is_named_by_its_shard_row_and_stored_file_name(tmp_path, path):
+    """A parquet row is named by its shard's file and its row there, and by the file name datasets keeps for an
+    embedded image if it has one."""
     good = io.BytesIO()
     Image.new("RGB", (9, 9)).save(good, "PNG")
-    images = [{"bytes": good.getvalue(), "path": f"{i}.png"} for i in range(3)] + [{"bytes": b"no", "path": path}]
     (tmp_path / "parquet").mkdir()
-    datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()})).to_parquet(
-        tmp_path / "parquet/train-00000.parquet"
-    )
-    stream = make_stream(tmp_path / "parquet", batch_size=4)
-    named = "seven.png" if path else r"row \d of epoch 0 of process 0's share"
-    with pytest.raises(DataError, match=rf"{named} is not a readable image"):
+    for shard in range(2):
+        images = [{"bytes": good.getvalue(), "path": f"{shard}-{i}.png"} for i in range(4)]
+        if shard == 1:
+            images[2] = {"bytes": b"no", "path": path}
+        datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()})
+                                   ).to_parquet(tmp_path / f"parquet/train-{shard:05d}.parquet")  # fmt: skip
+    stream = make_stream(tmp_path / "parquet", batch_size=8)
+    where = r"row 2 of shard \S*/parquet/train-00001.parquet"
+    named = rf"seven.png \({where}\)" if path else where
+    with pytest.raises(DataError, match=rf": {named} is not a readable image"):
         stream.batch(0, torch.Generator())
+
+
+def test_each_process_reads_whole_shards_of_its_own_reshuffled_every_epoch(shards):
+    """In process, for ranks 0 and 1 of 2 over 4 shards: each epoch every image once across the ranks, each rank
+    two whole shards (webdataset keys start with their shard), and the ranks' shards change between epochs."""
+    streams = [make_stream(shards, world_size=2, rank=rank) for rank in (0, 1)]
+    per_epoch = 2 * PER_SHARD // 4  # a rank's batches of 4 in an epoch (2 of its 30 rows dropped)
+    seen = [names(stream, range(3 * per_epoch)) for stream in streams]
+    dealt = []
+    for epoch in range(3):
+        share = [[name for batch in rank[epoch * per_epoch : (epoch + 1) * per_epoch] for name in batch]
+                 for rank in seen]  # fmt: skip
+        assert len(set(share[0] + share[1])) == 2 * per_epoch * 4, "an image was seen twice in an epoch"
+        shards_of = [{name.split(" key ")[1][:2] for name in rank} for rank in share]
+        assert [len(s) for s in shards_of] == [2, 2] and not shards_of[0] & shards_of[1]
+        dealt.append(shards_of[0])
+    assert len({frozenset(s) for s in dealt}) > 1, "rank 0 read the same shards every epoch"
+
+
+def test_max_train_samples_streams_the_first_rows_like_the_cache(shards):
+    stream = make_stream(shards, "--max_train_samples", "20", batch_size=20)
+    first = names(stream, range(2))  # an epoch is one batch
+    keys = [f"00{i:04d}" for i in range(PER_SHARD)] + [f"01{i:04d}" for i in range(20 - PER_SHARD)]
+    assert sorted(name.split(" key ")[1] for name in first[0]) == keys
+    assert sorted(first[1]) == sorted(first[0]) and first[1] != first[0], "the next epoch: the same rows, reordered"
 
 
 def test_streaming_needs_max_train_steps_and_a_dataset(shards, tmp_path):
@@ -279,8 +312,8 @@ def test_a_hub_dataset_id_streams_the_images_its_shards_hold(shards, tmp_path, m
         api.upload_folder(folder_path=local, path_in_repo="data", repo_id="alice/digits", repo_type="dataset")
         env = {**client_env(hub, tmp_path / "hf-home", tmp_path / "hub-cache"),
                "HF_DATASETS_CACHE": str(tmp_path / "datasets-cache"), "OMP_NUM_THREADS": "1"}  # fmt: skip
-        flags = [*FAST, "--streaming", "--max_train_steps", "6", "--train_batch_size", "5", "--shuffle_buffer_size",
-                 "7", "--checkpointing_steps", "3"]  # fmt: skip
+        flags = [*STREAM_FAST, "--streaming", "--max_train_steps", "6", "--train_batch_size", "5",
+                 "--shuffle_buffer_size", "7", "--checkpointing_steps", "3"]  # fmt: skip
 
         def run(*command: str) -> subprocess.CompletedProcess:
             proc = subprocess.run([PYTHON, *command], cwd=tmp_path, env=env, capture_output=True, text=True,

@@ -156,21 +156,27 @@ def test_bad_image_names_its_shard_and_key_or_is_skipped_and_counted(tmp_path):
     assert stream.state_dict()["num_skipped"] == 1 and not any("key 010003" in name for name in stream.names())
 
 
+@pytest.mark.parametrize("kind", ["parquet", "arrow"])
 @pytest.mark.parametrize("path", ["seven.png", None], ids=["stored-file-name", "no-file-name"])
-def test_a_bad_parquet_row_is_named_by_its_shard_row_and_stored_file_name(tmp_path, path):
-    """A parquet row is named by its shard's file and its row there, and by the file name datasets keeps for an
-    embedded image if it has one."""
+def test_a_bad_parquet_or_arrow_row_is_named_by_its_shard_row_and_stored_file_name(tmp_path, path, kind):
+    """A row is named by its shard's file and its row there, and by the file name datasets keeps for an embedded
+    image if it has one."""
     good = io.BytesIO()
     Image.new("RGB", (9, 9)).save(good, "PNG")
-    (tmp_path / "parquet").mkdir()
+    (tmp_path / kind).mkdir()
     for shard in range(2):
         images = [{"bytes": good.getvalue(), "path": f"{shard}-{i}.png"} for i in range(4)]
         if shard == 1:
             images[2] = {"bytes": b"no", "path": path}
-        datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()})
-                                   ).to_parquet(tmp_path / f"parquet/train-{shard:05d}.parquet")  # fmt: skip
-    stream = make_stream(tmp_path / "parquet", batch_size=8)
-    where = r"row 2 of shard \S*/parquet/train-00001.parquet"
+        rows = datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()}))
+        if kind == "parquet":
+            rows.to_parquet(tmp_path / f"parquet/train-{shard:05d}.parquet")
+        else:  # the arrow file save_to_disk writes is one shard
+            rows.save_to_disk(tmp_path / "saved")
+            shutil.move(next((tmp_path / "saved").glob("*.arrow")), tmp_path / f"arrow/train-{shard:05d}.arrow")
+            shutil.rmtree(tmp_path / "saved")
+    stream = make_stream(tmp_path / kind, batch_size=8)
+    where = rf"row 2 of shard \S*/{kind}/train-00001.{kind}"
     named = rf"seven.png \({where}\)" if path else where
     with pytest.raises(DataError, match=rf": {named} is not a readable image"):
         stream.batch(0, torch.Generator())

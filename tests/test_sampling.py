@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import PYTHON, REPO_ROOT, run_without_hf_ddpm
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
+from diffusers import DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
 from diffusers import DDPMPipeline as DiffusersDDPMPipeline
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image
@@ -34,6 +34,7 @@ from hf_ddpm.sampling import (
     runs_in_plain_diffusers,
     save_images,
     scheduler_settings,
+    to_uint8,
     usage_snippet,
 )
 from hf_ddpm.scheduler import DDPMScheduler
@@ -333,3 +334,32 @@ def test_a_bare_boolean_flag_before_model_is_the_flag_not_the_models_value():
     assert (model, args.allow_pickle) == ("out", False)
     model, args = parse_model_arguments((SampleArguments,), ["out", "--allow_pickle"])
     assert (model, args.allow_pickle) == ("out", True)
+
+
+def test_make_scheduler_gives_a_fresh_scheduler_each_call(pipe):
+    """Built once per sampler and config, then copied: one call's stepping state never reaches another's."""
+    first = make_scheduler("dpmsolver++", pipe.scheduler.config)
+    first.set_timesteps(5)
+    first.step(torch.zeros(1, 1, 4, 4), first.timesteps[0], torch.zeros(1, 1, 4, 4))
+    second = make_scheduler("dpmsolver++", pipe.scheduler.config)
+    assert second is not first and second.num_inference_steps is None and second.step_index is None
+    settings = scheduler_settings("dpmsolver++", pipe.scheduler.config)
+    built = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, **settings)
+    assert dict(second.config) == dict(built.config)
+
+
+def test_generate_looks_for_the_execution_device_once(pipe, monkeypatch):
+    """diffusers' `_execution_device` walks every module for offloading hooks; generate asks it once, not per batch,
+    and the images are those of a pipeline that asks it every batch."""
+    searches = []
+    search = DiffusionPipeline._execution_device.fget
+    counted = property(lambda self: searches.append(1) or search(self))
+    monkeypatch.setattr(DiffusionPipeline, "_execution_device", counted)
+    images = generate(pipe, 3, sampler="ddim", num_inference_steps=2, batch_size=1, progress=False)
+    assert len(searches) == 1
+    scheduler = make_scheduler("ddim", pipe.scheduler.config)
+    for i in range(3):
+        generators = image_generators(0, [i])
+        plain = DiffusersDDPMPipeline(unet=pipe.unet, scheduler=scheduler)(
+            batch_size=1, generator=generators, num_inference_steps=2, output_type="np").images  # fmt: skip
+        assert torch.equal(images[i : i + 1], to_uint8(torch.from_numpy(plain).permute(0, 3, 1, 2)))

@@ -247,19 +247,23 @@ def report(results: dict[str, Any]) -> str:
         rss = results["max_rss_mib"]
         lines.append(f"peak memory (CPU): the process's max RSS, both sides and the data together: {rss:.0f} MiB")
     overhead = results["overhead"]
-    lines.append(f"hf_ddpm's step outside forward/backward and the optimizer (data, noise, EMA, logging), unprofiled "
-                 f"against the same step on one reused batch without EMA or logging, {overhead['steps']} steps of "
-                 f"each alternated: {100 * overhead['median']:.1f}% of the median step (per fifth of the steps "
-                 f"{100 * overhead['min']:.1f}-{100 * overhead['max']:.1f}%)")  # fmt: skip
+    if overhead is not None:
+        lines.append(f"hf_ddpm's step outside forward/backward and the optimizer (data, noise, EMA, logging), "
+                     f"unprofiled against the same step on one reused batch without EMA or logging, "
+                     f"{overhead['steps']} steps of each alternated: {100 * overhead['median']:.1f}% of the median "
+                     f"step (per fifth of the steps {100 * overhead['min']:.1f}-"
+                     f"{100 * overhead['max']:.1f}%)")  # fmt: skip
     profiled = results["profile"]
-    lines += ["", f"hf_ddpm's step, {profiled['steps']} steps profiled: {profiled['wall_ms']:.2f} ms per step (wall)"]
-    accounted = 0.0
-    for name, phase in profiled["phases"].items():
-        accounted += phase["host_ms"]
-        device_ms = f", device {phase['device_ms']:.2f} ms" if results["device"] == "cuda" else ""
-        share = 100 * phase["host_ms"] / profiled["wall_ms"]
-        lines.append(f"  {name:17s} {phase['host_ms']:7.2f} ms host ({share:4.1f}%){device_ms}")
-    lines.append(f"  {'other':17s} {profiled['wall_ms'] - accounted:7.2f} ms (profiler, Python between phases)")
+    if profiled["steps"]:
+        lines += ["", f"hf_ddpm's step, {profiled['steps']} steps profiled: {profiled['wall_ms']:.2f} ms per step "
+                  "(wall)"]  # fmt: skip
+        accounted = 0.0
+        for name, phase in profiled["phases"].items():
+            accounted += phase["host_ms"]
+            device_ms = f", device {phase['device_ms']:.2f} ms" if results["device"] == "cuda" else ""
+            share = 100 * phase["host_ms"] / profiled["wall_ms"]
+            lines.append(f"  {name:17s} {phase['host_ms']:7.2f} ms host ({share:4.1f}%){device_ms}")
+        lines.append(f"  {'other':17s} {profiled['wall_ms'] - accounted:7.2f} ms (profiler, Python between phases)")
     return "\n".join(lines)
 
 
@@ -273,8 +277,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     parser.add_argument("--steps", type=int, default=50, help="optimizer steps per round and side")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per side, after one warm-up round")
-    parser.add_argument("--profile_steps", type=int, default=20)
-    parser.add_argument("--overhead_steps", type=int, default=150, help="steps of each, alternated one by one")
+    parser.add_argument("--profile_steps", type=int, default=20, help="0: no profile")
+    parser.add_argument("--overhead_steps", type=int, default=150, help="steps of each, in turn (0: none)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     options = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="train_throughput-") as tmp:
@@ -289,14 +293,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         reference = ReferenceLoop(trainer.args, trainer.unet.config, trainer.data, trainer.accelerator)
         sides = {"hf_ddpm": hf_ddpm_step(trainer), "reference": reference.step}
         seconds, peak = measure(sides, options.steps, options.rounds, device)
-        overhead = overhead_share(sides["hf_ddpm"], core_step(trainer), options.overhead_steps, device)
-        profiled = profile_phases(sides["hf_ddpm"], options.profile_steps, device)
+        overhead = (overhead_share(sides["hf_ddpm"], core_step(trainer), options.overhead_steps, device)
+                    if options.overhead_steps else None)  # fmt: skip
+        profiled = profile_phases(sides["hf_ddpm"], options.profile_steps, device) if options.profile_steps else {}
     results: dict[str, Any] = {
         "preset": options.preset, "batch_size": options.batch_size, "mixed_precision": options.mixed_precision,
         "speed_settings": trainer._levers(), "hardware": speed.hardware(trainer.accelerator),
         "device": device.type, "steps": options.steps, "rounds": options.rounds,
         "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "profile": {"steps": options.profile_steps, **profiled},
+        "profile": {"steps": options.profile_steps, **profiled},  # steps 0: not profiled
     }  # fmt: skip
     for name in sides:
         side = summary(seconds[name], options.batch_size, options.steps)

@@ -42,7 +42,7 @@ from diffusers import (
 )
 from diffusers.utils import make_image_grid
 
-from hf_ddpm import speed
+from hf_ddpm import atomic, speed
 from hf_ddpm.arguments import check_fp16_device, check_positive
 from hf_ddpm.distributed import Stream, is_main, run_sharded, seeded_generator
 from hf_ddpm.errors import ConfigError, DataError
@@ -343,7 +343,8 @@ def save_images(images_uint8: torch.Tensor, output: str | Path, nrow: int | None
     - `*.npz`: `arr_0` of shape (N, H, W, C) uint8, the layout guided-diffusion's evaluation suite reads.
     - anything else: a folder of `000000.png`, `000001.png`, ... (grayscale images stay single-channel).
 
-    Returns the path written.
+    Returns the path written. Each file is written whole or not at all (`hf_ddpm.atomic.write_file`): a run that
+    fails while writing leaves the previous file.
 
     >>> save_images(images, "samples.png", nrow=8)
     >>> save_images(images, "samples.npz")
@@ -355,17 +356,18 @@ def save_images(images_uint8: torch.Tensor, output: str | Path, nrow: int | None
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     if output.suffix == ".npz":
-        np.savez(output, arr_0=images_uint8.permute(0, 2, 3, 1).numpy())
+        atomic.write_file(output, lambda tmp: np.savez(tmp, arr_0=images_uint8.permute(0, 2, 3, 1).numpy()))
     elif output.suffix == ".png":
         n = len(images_uint8)
         cols = nrow or math.ceil(math.sqrt(n))
         rows = math.ceil(n / cols)
         padding = images_uint8.new_zeros((rows * cols - n, *images_uint8.shape[1:]))
-        make_image_grid([_to_pil(x) for x in torch.cat([images_uint8, padding])], rows, cols).save(output)
+        grid = make_image_grid([_to_pil(x) for x in torch.cat([images_uint8, padding])], rows, cols)
+        atomic.write_file(output, grid.save)
     else:
         output.mkdir(exist_ok=True)
         for i, image in enumerate(images_uint8):
-            _to_pil(image).save(output / f"{i:06d}.png")
+            atomic.write_file(output / f"{i:06d}.png", _to_pil(image).save)
     return output
 
 

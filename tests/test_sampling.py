@@ -233,6 +233,23 @@ def test_two_processes_give_the_one_process_images(pipe, model_dir, tmp_path):
     assert_same_up_to_rounding(load_images(output), expected)
 
 
+@pytest.mark.parametrize("name", ["samples.png", "samples.npz"])
+def test_a_write_that_fails_part_way_leaves_the_previous_images(tmp_path, monkeypatch, name):
+    """samples.png (or .npz) is replaced whole or not at all: a writer that dies half-way leaves the old file."""
+    path = save_images(uint8_images(4, 3), tmp_path / name)
+    before = path.read_bytes()
+
+    def dies_half_way(self_or_file, file=None, *args, **kwargs):
+        Path(file if isinstance(self_or_file, Image.Image) else self_or_file).write_bytes(before[: len(before) // 2])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", dies_half_way)
+    monkeypatch.setattr(np, "savez", dies_half_way)
+    with pytest.raises(OSError, match="No space"):
+        save_images(uint8_images(4, 3, seed=1), path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
 def test_save_and_load_npz_folder_and_grid(tmp_path):
     for channels in (1, 3):
         images = uint8_images(5, channels)

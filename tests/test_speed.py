@@ -228,6 +228,9 @@ def test_train_throughput_measures_both_loops_and_profiles_every_phase(tmp_path)
     assert -1 < results["overhead"]["min"] <= results["overhead"]["median"] <= results["overhead"]["max"] < 1
     assert "outside forward/backward and the optimizer" in out
     assert "hf_ddpm / reference" in out and "CPU" in out
+    out = benchmark("train_throughput.py", "--preset", "tiny-8", "--batch_size", "8", "--steps", "2", "--rounds",
+                    "1", "--profile_steps", "0", "--overhead_steps", "0")  # fmt: skip
+    assert "hf_ddpm / reference" in out and "outside forward" not in out and "profiled" not in out
 
 
 def test_data_throughput_times_both_paths_and_the_steps_consumption(tmp_path):

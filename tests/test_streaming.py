@@ -205,6 +205,9 @@ def test_max_train_samples_streams_the_first_rows_like_the_cache(shards):
     keys = [f"00{i:04d}" for i in range(PER_SHARD)] + [f"01{i:04d}" for i in range(20 - PER_SHARD)]
     assert sorted(name.split(" key ")[1] for name in first[0]) == keys
     assert sorted(first[1]) == sorted(first[0]) and first[1] != first[0], "the next epoch: the same rows, reordered"
+    halves = [names(make_stream(shards, "--max_train_samples", "20", batch_size=10, world_size=2, rank=rank),
+                    range(1))[0] for rank in (0, 1)]  # fmt: skip
+    assert sorted(name.split(" key ")[1] for name in halves[0] + halves[1]) == keys, "2 processes: 1 row in 2 each"
 
 
 def test_streaming_needs_max_train_steps_and_a_dataset(shards, tmp_path):

@@ -279,7 +279,6 @@ def _check_positive(name: str, value: Any) -> None:
         raise DataError(f"{name} must be a positive integer, got {value!r}; fix --{name}")
 
 
-
 @contextmanager
 def _as_data_error(flag: str, hint: str) -> Iterator[None]:
     """Re-raise what datasets / huggingface_hub raise while loading as a one-line DataError."""
@@ -318,9 +317,7 @@ def _load_split(
             return saved, flag
 
     with _as_data_error(flag, hint):
-        builder = datasets.load_dataset_builder(
-            path, name=config_name, data_dir=data_dir, cache_dir=cache_dir
-        )
+        builder = datasets.load_dataset_builder(path, name=config_name, data_dir=data_dir, cache_dir=cache_dir)
         _check_split(split, builder.config.data_files or builder.info.splits or {}, flag)
         builder.download_and_prepare()
         return builder.as_dataset(split=split), flag
@@ -389,9 +386,7 @@ def _open_image(value: Any) -> Image.Image:
     return datasets.Image().decode_example({"bytes": value.get("bytes"), "path": value.get("path")})
 
 
-def _prepare(
-    image: Image.Image, resolution: int, channels: int, *, keep_aspect: bool, crop: bool
-) -> np.ndarray:
+def _prepare(image: Image.Image, resolution: int, channels: int, *, keep_aspect: bool, crop: bool) -> np.ndarray:
     """Any PIL image -> uint8 (channels, H, W): short side resized to `resolution` if `keep_aspect` (then
     centre-cropped to the square if `crop`), else the whole image resized to the square."""
     image = _to_8bit(image).convert("L" if channels == 1 else "RGB")

@@ -22,9 +22,7 @@ def mean_flat(x: Tensor) -> Tensor:
     return x.mean(dim=tuple(range(1, x.ndim)))
 
 
-def normal_kl(
-    mean1: Tensor | float, logvar1: Tensor | float, mean2: Tensor | float, logvar2: Tensor | float
-) -> Tensor:
+def normal_kl(mean1: Tensor | float, logvar1: Tensor | float, mean2: Tensor | float, logvar2: Tensor | float) -> Tensor:
     """Element-wise KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) in nats, broadcasting its arguments.
 
         KL = 1/2 * (logvar2 - logvar1 + exp(logvar1 - logvar2) + (mean1 - mean2)^2 * exp(-logvar2) - 1)

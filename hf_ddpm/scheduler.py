@@ -154,9 +154,7 @@ class DDPMScheduler(diffusers.DDPMScheduler):
         elif c.beta_schedule == "linear":
             betas = torch.linspace(c.beta_start, c.beta_end, c.num_train_timesteps, dtype=torch.float64)
         elif c.beta_schedule == "scaled_linear":
-            roots = torch.linspace(
-                c.beta_start**0.5, c.beta_end**0.5, c.num_train_timesteps, dtype=torch.float64
-            )
+            roots = torch.linspace(c.beta_start**0.5, c.beta_end**0.5, c.num_train_timesteps, dtype=torch.float64)
             betas = roots**2
         elif c.beta_schedule == "squaredcos_cap_v2":
             betas = _cosine_betas(c.num_train_timesteps)
@@ -245,9 +243,7 @@ class DDPMScheduler(diffusers.DDPMScheduler):
     def _prediction_type(self) -> str:
         prediction_type = self.config.prediction_type
         if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
-                f"unknown prediction_type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}"
-            )
+            raise ValueError(f"unknown prediction_type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}")
         return prediction_type
 
     def x0_from_eps(self, xt: Tensor, t: Tensor, eps: Tensor) -> Tensor:
@@ -328,9 +324,7 @@ class DDPMScheduler(diffusers.DDPMScheduler):
         """(mean part, variance part or None): learned_range models output 2C channels, the others C."""
         variance_type = self.config.variance_type
         if variance_type not in VARIANCE_TYPES:
-            raise ValueError(
-                f"unsupported variance_type {variance_type!r}; valid: {', '.join(VARIANCE_TYPES)}"
-            )
+            raise ValueError(f"unsupported variance_type {variance_type!r}; valid: {', '.join(VARIANCE_TYPES)}")
         channels = xt.shape[1]
         learned = variance_type == "learned_range"
         if model_output.shape[1] != (2 * channels if learned else channels):
@@ -515,9 +509,7 @@ class DDPMScheduler(diffusers.DDPMScheduler):
         decoder_nll = -mean_flat(log_likelihood) / math.log(2.0)
         return torch.where(t.to(kl.device) == 0, decoder_nll, kl), reverse
 
-    def vlb_terms(
-        self, model_output: Tensor, x0: Tensor, xt: Tensor, t: Tensor, clip_denoised: bool = True
-    ) -> Tensor:
+    def vlb_terms(self, model_output: Tensor, x0: Tensor, xt: Tensor, t: Tensor, clip_denoised: bool = True) -> Tensor:
         """Per-sample terms (B,) of the variational bound, in bits per dimension (mean over C, H, W / log 2):
 
             t > 0:  L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t))       (Ho et al. eq. 5)
@@ -599,9 +591,7 @@ class DDPMScheduler(diffusers.DDPMScheduler):
         results["total_bpd"] = results["prior_bpd"] + results["vb"].sum(dim=1)
         return results
 
-    def vlb_bits_per_dim(
-        self, model_fn: Callable[[Tensor, Tensor], Tensor], x0: Tensor, **kwargs: Any
-    ) -> Tensor:
+    def vlb_bits_per_dim(self, model_fn: Callable[[Tensor, Tensor], Tensor], x0: Tensor, **kwargs: Any) -> Tensor:
         """The variational bound of a batch (B,) in bits/dim: the negative ELBO, an upper bound on
         -log2 p(x0) / D, i.e. `calc_bpd_loop`'s "total_bpd". kwargs (generator, timestep_batch, progress,
         clip_denoised) are passed to it."""

@@ -61,8 +61,6 @@ def tiny_dinov2() -> DINOv2Features:
     return DINOv2Features(Dinov2Model(config), image_size=14)
 
 
-
-
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory) -> Path:
     """An untrained tiny-8 (grayscale 8x8) pipeline with a 10-step schedule, so that NLL has 10 + 1 terms."""
@@ -109,9 +107,7 @@ def test_evaluate_end_to_end_writes_the_agreed_schema(model_dir, tmp_path):
     measure = dict(num_images=24, heldout_last=60, stats_cache_dir=str(tmp_path / "stats"))
     sampling = SamplingArguments(sampler="ddim", num_inference_steps=2, batch_size=12)
     metrics = "fid,kid,inception_score,fd_dinov2,nll"
-    results = evaluate(
-        str(model_dir), EvaluationArguments(metrics, **measure), sampling, feature_extractors=extractors
-    )
+    results = evaluate(str(model_dir), EvaluationArguments(metrics, **measure), sampling, feature_extractors=extractors)
     assert set(results) == {"fid", "kid", "inception_score", "fd_dinov2", "nll_bpd"}
     assert all(isinstance(v, float) and v == v for v in results.values())
     assert results["fid"] > 0 and results["fd_dinov2"] > 0 and results["nll_bpd"] > 0
@@ -271,8 +267,13 @@ def test_two_process_gather_equals_one_process(saved_model, tmp_path):
     result = tmp_path / "two.pt"
     worker.write_text(WORKER.format(tests=str(Path(__file__).parent), model=str(saved_model),
                                     stats=str(tmp_path / "stats2"), result=str(result)))  # fmt: skip
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO_ROOT)}  # both sides run this checkout's hf_ddpm, not another installed copy
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "1",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO_ROOT),
+    }  # both sides run this checkout's hf_ddpm, not another installed copy
     cmd = [str(Path(PYTHON).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
            str(worker)]  # fmt: skip

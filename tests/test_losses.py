@@ -27,9 +27,7 @@ def test_normal_kl_matches_numerical_integration(mean1, logvar1, mean2, logvar2)
     p = stats.norm(mean1, math.exp(0.5 * logvar1))
     q = stats.norm(mean2, math.exp(0.5 * logvar2))
     lo, hi = p.ppf(1e-15), p.isf(1e-15)
-    expected, _ = integrate.quad(
-        lambda x: p.pdf(x) * (p.logpdf(x) - q.logpdf(x)), lo, hi, epsabs=1e-13, limit=200
-    )
+    expected, _ = integrate.quad(lambda x: p.pdf(x) * (p.logpdf(x) - q.logpdf(x)), lo, hi, epsabs=1e-13, limit=200)
     kl = normal_kl(*(torch.tensor(v, dtype=torch.float64) for v in (mean1, logvar1, mean2, logvar2)))
     assert kl.item() == pytest.approx(expected, rel=1e-8, abs=1e-12)
 
@@ -53,9 +51,7 @@ def _scipy_bin_probabilities(mean: float, scale: float) -> np.ndarray:
     return np.where(LEVELS > mean, dist.sf(lower) - dist.sf(upper), dist.cdf(upper) - dist.cdf(lower))
 
 
-@pytest.mark.parametrize(
-    "mean, scale", [(0.0, 1.0), (0.3, 0.05), (-0.97, 0.004), (1.2, 0.3), (0.5, 5e-4), (0.0, 30.0)]
-)
+@pytest.mark.parametrize("mean, scale", [(0.0, 1.0), (0.3, 0.05), (-0.97, 0.004), (1.2, 0.3), (0.5, 5e-4), (0.0, 30.0)])
 def test_discretized_log_likelihood_matches_scipy(mean, scale):
     x = torch.tensor(LEVELS)
     means = torch.full_like(x, mean)

@@ -91,8 +91,13 @@ def test_pickle_weights_are_refused_unless_allowed(tmp_path):
 
 @pytest.mark.parametrize(
     "scheduler_class",
-    ["DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
-     "EulerAncestralDiscreteScheduler"],  # fmt: skip
+    [
+        "DDPMScheduler",
+        "DDIMScheduler",
+        "DPMSolverMultistepScheduler",
+        "UniPCMultistepScheduler",
+        "EulerAncestralDiscreteScheduler",
+    ],  # fmt: skip
 )
 def test_every_scheduler_swap_samples(scheduler_class):
     pipe = make_pipeline()

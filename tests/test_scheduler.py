@@ -107,9 +107,7 @@ def test_float64_tables_match_numpy():
         np.testing.assert_allclose(getattr(tables, name).numpy(), expected, rtol=1e-13, err_msg=name)
     clipped = np.log(np.concatenate([[POSTERIOR_VARIANCE[1]], POSTERIOR_VARIANCE[1:]]))
     np.testing.assert_allclose(tables.posterior_log_variance_clipped.numpy(), clipped, rtol=1e-13)
-    np.testing.assert_allclose(
-        short_scheduler().snr(torch.arange(T)).numpy(), SNR.astype(np.float32), rtol=1e-6
-    )
+    np.testing.assert_allclose(short_scheduler().snr(torch.arange(T)).numpy(), SNR.astype(np.float32), rtol=1e-6)
 
 
 def test_config_round_trips_through_plain_diffusers(tmp_path):
@@ -150,9 +148,7 @@ def test_step_is_the_parents_bit_for_bit(config, num_inference_steps):
         output = torch.randn(2, channels, 8, 8, generator=torch.Generator().manual_seed(t))
         a = ours.step(output, t, sample, generator=torch.Generator().manual_seed(1))
         b = parent.step(output, t, sample, generator=torch.Generator().manual_seed(1))
-        assert torch.equal(a.prev_sample, b.prev_sample) and torch.equal(
-            a.pred_original_sample, b.pred_original_sample
-        )
+        assert torch.equal(a.prev_sample, b.prev_sample) and torch.equal(a.pred_original_sample, b.pred_original_sample)
         sample = a.prev_sample
 
 
@@ -164,9 +160,7 @@ def test_step_is_the_parents_bit_for_bit(config, num_inference_steps):
 def test_q_mean_variance_matches_simulating_the_one_step_chain():
     scheduler = short_scheduler()
     x0 = np.array([-0.8, 0.1, 0.9])
-    mean, variance, log_variance = scheduler.q_mean_variance(
-        torch.from_numpy(np.tile(x0, (T, 1))), torch.arange(T)
-    )
+    mean, variance, log_variance = scheduler.q_mean_variance(torch.from_numpy(np.tile(x0, (T, 1))), torch.arange(T))
     torch.testing.assert_close(log_variance, variance.log())
     # Monte Carlo: x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) eps, 100k chains, within 5 standard errors.
     rng = np.random.default_rng(0)
@@ -188,9 +182,7 @@ def test_q_mean_variance_matches_simulating_the_one_step_chain():
 def test_q_sample_is_the_closed_form_and_the_parents_add_noise():
     x0, eps, t, xt = noisy_batch()
     scheduler = short_scheduler()
-    np.testing.assert_allclose(
-        scheduler.q_sample(*tensors(x0), torch.from_numpy(t), *tensors(eps)).numpy(), xt
-    )
+    np.testing.assert_allclose(scheduler.q_sample(*tensors(x0), torch.from_numpy(t), *tensors(eps)).numpy(), xt)
     default = DDPMScheduler()
     x0, eps = (torch.from_numpy(a).float() for a in (x0, eps))
     t = torch.tensor([0, 1, 10, 500, 999] * 10)
@@ -204,9 +196,9 @@ def test_q_posterior_matches_bayes_rule_on_a_grid(t):
     x0, xt = 0.3, -0.4
     grid = np.linspace(-8.0, 8.0, 1_600_001)  # values of x_{t-1}
     # q(x_{t-1} | x_t, x_0) ∝ q(x_t | x_{t-1}) q(x_{t-1} | x_0)
-    log_density = stats.norm.logpdf(
-        xt, np.sqrt(1.0 - BETAS[t]) * grid, np.sqrt(BETAS[t])
-    ) + stats.norm.logpdf(grid, np.sqrt(ALPHAS_CUMPROD[t - 1]) * x0, np.sqrt(1.0 - ALPHAS_CUMPROD[t - 1]))
+    log_density = stats.norm.logpdf(xt, np.sqrt(1.0 - BETAS[t]) * grid, np.sqrt(BETAS[t])) + stats.norm.logpdf(
+        grid, np.sqrt(ALPHAS_CUMPROD[t - 1]) * x0, np.sqrt(1.0 - ALPHAS_CUMPROD[t - 1])
+    )
     weights = np.exp(log_density - log_density.max())
     weights /= weights.sum()
     grid_mean = np.sum(weights * grid)
@@ -223,9 +215,7 @@ def test_q_posterior_matches_bayes_rule_on_a_grid(t):
 
 def test_q_posterior_at_t0_is_a_point_mass_with_clipped_log_variance():
     x0 = torch.tensor([[0.3, -0.7]], dtype=torch.float64)
-    mean, variance, log_variance = short_scheduler().q_posterior_mean_variance(
-        x0, x0 + 0.01, torch.tensor([0])
-    )
+    mean, variance, log_variance = short_scheduler().q_posterior_mean_variance(x0, x0 + 0.01, torch.tensor([0]))
     torch.testing.assert_close(mean, x0)
     assert (variance == 0).all()
     np.testing.assert_allclose(log_variance.numpy(), math.log(POSTERIOR_VARIANCE[1]), rtol=1e-13)
@@ -260,9 +250,7 @@ def test_prediction_conversions_round_trip(prediction_type):
 def test_p_mean_variance_is_the_distribution_step_samples_from(prediction_type, variance_type):
     config = {"prediction_type": prediction_type, "variance_type": variance_type}
     ours = short_scheduler(**config)
-    parent = diffusers.DDPMScheduler(
-        num_train_timesteps=T, beta_start=1e-3, beta_end=0.2, clip_sample=False, **config
-    )
+    parent = diffusers.DDPMScheduler(num_train_timesteps=T, beta_start=1e-3, beta_end=0.2, clip_sample=False, **config)
     rng = np.random.default_rng(4)
     for t in [1, 7, 30, 49]:
         xt = torch.from_numpy(rng.standard_normal((2, 3, 4, 4))).float()
@@ -306,12 +294,8 @@ def test_learned_range_ends_are_fixed_small_and_fixed_large():
     for key in ("mean", "log_variance", "variance", "pred_x0"):
         torch.testing.assert_close(at_minus_one[key], small[key])
         torch.testing.assert_close(at_plus_one[key][1:], large[key][1:])
-    np.testing.assert_allclose(
-        at_plus_one["variance"][0].numpy(), BETAS[0], rtol=1e-12
-    )  # log beta_0 at t = 0
-    np.testing.assert_allclose(
-        at_minus_one["variance"][1:, 0, 0, 0].numpy(), POSTERIOR_VARIANCE[1:], rtol=1e-12
-    )
+    np.testing.assert_allclose(at_plus_one["variance"][0].numpy(), BETAS[0], rtol=1e-12)  # log beta_0 at t = 0
+    np.testing.assert_allclose(at_minus_one["variance"][1:, 0, 0, 0].numpy(), POSTERIOR_VARIANCE[1:], rtol=1e-12)
     np.testing.assert_allclose(at_plus_one["variance"][1:, 0, 0, 0].numpy(), BETAS[1:], rtol=1e-12)
     geometric_mean = np.sqrt(POSTERIOR_VARIANCE[1:] * BETAS[1:])
     np.testing.assert_allclose(at_zero["variance"][1:, 0, 0, 0].numpy(), geometric_mean, rtol=1e-12)
@@ -353,9 +337,7 @@ def test_min_snr_weighs_the_same_x0_error_alike_for_every_target(gamma):
     x0_mse = np.mean((x0_hat - x0) ** 2, axis=(1, 2, 3))
     for prediction_type, output in targets_for(x0_hat, xt, t).items():
         scheduler = short_scheduler(prediction_type=prediction_type)
-        loss = scheduler.training_loss(
-            *tensors(output, x0, eps), torch.from_numpy(t), "min_snr", snr_gamma=gamma
-        )
+        loss = scheduler.training_loss(*tensors(output, x0, eps), torch.from_numpy(t), "min_snr", snr_gamma=gamma)
         np.testing.assert_allclose(loss.numpy(), np.minimum(SNR, gamma) * x0_mse, rtol=1e-6)
 
 
@@ -373,9 +355,7 @@ def test_vlb_weights_turn_the_mse_into_the_kl_term(prediction_type, variance_typ
         [[POSTERIOR_VARIANCE[1]], (POSTERIOR_VARIANCE if variance_type == "fixed_small" else BETAS)[1:]]
     )
     log_sigma2 = torch.from_numpy(np.log(broadcast(sigma2, t, 4)))
-    true_mean, _, true_log_variance = scheduler.q_posterior_mean_variance(
-        *tensors(x0, xt), torch.from_numpy(t)
-    )
+    true_mean, _, true_log_variance = scheduler.q_posterior_mean_variance(*tensors(x0, xt), torch.from_numpy(t))
     model_mean, _, _ = scheduler.q_posterior_mean_variance(*tensors(x0_hat, xt), torch.from_numpy(t))
     kl = mean_flat(normal_kl(true_mean, true_log_variance, model_mean, log_sigma2))
     const = mean_flat(normal_kl(true_mean, true_log_variance, true_mean, log_sigma2))
@@ -383,9 +363,7 @@ def test_vlb_weights_turn_the_mse_into_the_kl_term(prediction_type, variance_typ
     if variance_type == "fixed_small":
         np.testing.assert_allclose(const.numpy()[1:], 0.0, atol=1e-12)
     # t = 0: the decoder's Gaussian-density surrogate (x_0 - pred_x0)^2 / (2 sigma_0^2), sigma_0^2 = beta~_1.
-    np.testing.assert_allclose(
-        loss[0], np.mean((x0_hat[0] - x0[0]) ** 2) / (2 * POSTERIOR_VARIANCE[1]), rtol=1e-5
-    )
+    np.testing.assert_allclose(loss[0], np.mean((x0_hat[0] - x0[0]) ** 2) / (2 * POSTERIOR_VARIANCE[1]), rtol=1e-5)
 
 
 def test_vlb_weights_closed_forms():
@@ -422,9 +400,7 @@ def test_training_loss_is_the_mean_squared_error_and_upcasts_half_precision():
     torch.testing.assert_close(loss, ((output - eps_) ** 2).mean(dim=(1, 2, 3)))
     half = scheduler.training_loss(output.bfloat16(), x0_, eps_, torch.from_numpy(t))
     assert half.dtype == torch.float32
-    torch.testing.assert_close(
-        half, scheduler.training_loss(output.bfloat16().float(), x0_, eps_, torch.from_numpy(t))
-    )
+    torch.testing.assert_close(half, scheduler.training_loss(output.bfloat16().float(), x0_, eps_, torch.from_numpy(t)))
 
 
 def test_hybrid_loss_trains_the_variance_only_through_the_vlb():
@@ -473,9 +449,7 @@ def prior_kl_bits(x0: np.ndarray) -> np.ndarray:
 
 def test_prior_bpd_is_the_kl_to_the_standard_normal():
     x0, _, _, _ = noisy_batch(shape=(3, 3, 4, 4))
-    np.testing.assert_allclose(
-        short_scheduler().prior_bpd(torch.from_numpy(x0)).numpy(), prior_kl_bits(x0), rtol=1e-10
-    )
+    np.testing.assert_allclose(short_scheduler().prior_bpd(torch.from_numpy(x0)).numpy(), prior_kl_bits(x0), rtol=1e-10)
 
 
 def test_bpd_loop_does_not_depend_on_the_timestep_batch():

@@ -239,7 +239,11 @@ def test_data_throughput_times_both_paths_and_the_steps_consumption(tmp_path):
                     "--train_steps", "1", "--json", str(tmp_path / "d.json"))  # fmt: skip
     rows = json.loads((tmp_path / "d.json").read_text())["rows"]
     assert [(row["path"], row["workers"]) for row in rows] == [
-        ("cached (get_batch)", "-"), ("streaming", 0), ("streaming", 1), ("training consumes (tiny-8)", "-")]
+        ("cached (get_batch)", "-"),
+        ("streaming", 0),
+        ("streaming", 1),
+        ("training consumes (tiny-8)", "-"),
+    ]
     assert all(row["img_s"] > 0 for row in rows) and "| streaming | 8 | 1 |" in out
 
 

@@ -74,9 +74,7 @@ def test_second_moment_probabilities_follow_the_last_losses():
         sampler.update(torch.full((len(extra),), t), torch.tensor(extra, dtype=torch.float64))
         seen[t].extend(extra)
     root_second_moment = np.array([np.sqrt(np.mean(np.square(losses[-history:]))) for losses in seen])
-    expected = (
-        1 - uniform_prob
-    ) * root_second_moment / root_second_moment.sum() + uniform_prob / num_timesteps
+    expected = (1 - uniform_prob) * root_second_moment / root_second_moment.sum() + uniform_prob / num_timesteps
     np.testing.assert_allclose(sampler.probabilities(), expected, rtol=1e-12)
     assert sampler.probabilities()[0] == pytest.approx(uniform_prob / num_timesteps)
 
@@ -93,9 +91,7 @@ def test_second_moment_weights_make_the_loss_estimate_unbiased():
     unique, first = np.unique(timesteps.numpy(), return_index=True)
     assert len(unique) == num_timesteps
     weight_per_t = weights.double().numpy()[first]
-    assert float(np.sum(probabilities * weight_per_t * losses_per_t)) == pytest.approx(
-        losses_per_t.mean(), rel=1e-6
-    )
+    assert float(np.sum(probabilities * weight_per_t * losses_per_t)) == pytest.approx(losses_per_t.mean(), rel=1e-6)
     # And by Monte Carlo, within 5 standard errors.
     estimates = weights.double().numpy() * losses_per_t[timesteps.numpy()]
     standard_error = estimates.std() / np.sqrt(estimates.size)
@@ -114,9 +110,7 @@ def test_state_dict_round_trip_reproduces_samples():
     restored = LossSecondMomentSampler(30, history_per_term=4)
     restored.load_state_dict(torch.load(buffer, weights_only=True))
     np.testing.assert_array_equal(restored.probabilities(), sampler.probabilities())
-    for a, b in zip(
-        sampler.sample(64, "cpu", _generator(5)), restored.sample(64, "cpu", _generator(5)), strict=True
-    ):
+    for a, b in zip(sampler.sample(64, "cpu", _generator(5)), restored.sample(64, "cpu", _generator(5)), strict=True):
         assert torch.equal(a, b)
     # Identical updates keep them identical (what every rank of a distributed run relies on).
     for s in (sampler, restored):

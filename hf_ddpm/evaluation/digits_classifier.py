@@ -72,9 +72,7 @@ class DigitsClassifier(nn.Module):
 def heldout_split(seed: int = 0, heldout_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, held-out) of the 1797 digits: a stratified split, the same for the same seed."""
     labels = digits_labels()
-    return train_test_split(
-        np.arange(len(labels)), test_size=heldout_fraction, stratify=labels, random_state=seed
-    )
+    return train_test_split(np.arange(len(labels)), test_size=heldout_fraction, stratify=labels, random_state=seed)
 
 
 def _noise_images(count: int, generator: torch.Generator) -> torch.Tensor:

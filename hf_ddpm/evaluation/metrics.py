@@ -129,8 +129,7 @@ def frechet_distance(
     sigma1, sigma2 = np.atleast_2d(_as_float64(sigma1)), np.atleast_2d(_as_float64(sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
         raise ValueError(
-            f"feature statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
-            f"sigma {sigma1.shape} vs {sigma2.shape}"
+            f"feature statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}"
         )
     eigvals, eigvecs = np.linalg.eigh(sigma1)
     sqrt_sigma1 = (eigvecs * np.sqrt(np.clip(eigvals, 0.0, None))) @ eigvecs.T
@@ -145,8 +144,8 @@ def frechet_distance(
 def polynomial_mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
     r"""Unbiased MMD^2 between samples x (m, D) and y (n, D) with the kernel k(a, b) = (a.b / D + 1)^3.
 
-        MMD^2_u = sum_{i != j} k(x_i, x_j) / (m (m-1)) + sum_{i != j} k(y_i, y_j) / (n (n-1))
-                  - 2 sum_{i, j} k(x_i, y_j) / (m n)
+    MMD^2_u = sum_{i != j} k(x_i, x_j) / (m (m-1)) + sum_{i != j} k(y_i, y_j) / (n (n-1))
+              - 2 sum_{i, j} k(x_i, y_j) / (m n)
     """
     x, y = _as_float64(x), _as_float64(y)
     dim = x.shape[1]
@@ -207,7 +206,7 @@ def inception_score(logits: np.ndarray | torch.Tensor, splits: int = 10) -> tupl
 def class_histogram_entropy(logits: np.ndarray | torch.Tensor) -> float:
     r"""Entropy of the predicted-class (argmax) histogram over log K; 1.0 = all K classes equally often.
 
-        H = -sum_k h_k log h_k / log K,   h_k = #{x : argmax p(y|x) = k} / N
+    H = -sum_k h_k log h_k / log K,   h_k = #{x : argmax p(y|x) = k} / N
     """
     logits = _as_float64(logits)
     num_classes = logits.shape[1]

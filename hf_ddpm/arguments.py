@@ -32,14 +32,18 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 
 def parse_model_arguments(
-    types: Sequence[type], argv: list[str] | None = None, description: str | None = None
+    types: Sequence[type],
+    argv: list[str] | None = None,
+    description: str | None = None,
+    positional: tuple[str, str] = ("model", MODEL_HELP),
 ) -> tuple[Any, ...]:
     """(MODEL, an instance of each dataclass in `types`) from `argv` (default: sys.argv[1:]), the command line of
-    scripts/sample.py and scripts/evaluate.py: MODEL, then the dataclasses' flags."""
+    scripts/sample.py, scripts/evaluate.py and scripts/push_to_hub.py: one positional argument (`positional`: its
+    name and help), then the dataclasses' flags."""
     parser = HfArgumentParser(types, description=description, formatter_class=_HelpFormatter)
-    parser.add_argument("model", help=MODEL_HELP)
+    parser.add_argument(positional[0], help=positional[1])
     *instances, rest = parse_into_dataclasses(parser, _bare_switches_set(types, argv))
-    return (rest.model, *instances)
+    return (getattr(rest, positional[0]), *instances)
 
 
 def _bare_switches_set(types: Sequence[type], argv: list[str] | None) -> list[str]:

@@ -274,6 +274,13 @@ _RANGES: dict[tuple[str, ...], tuple[str, Callable[[float], bool]]] = {
 }  # fmt: skip
 
 
+def training_flag(name: str) -> Any:
+    """A dataclass field for another script's `--name` with TrainingArguments' default and help, so that a flag
+    both scripts take (scripts/push_to_hub.py's Hub flags) is spelt and explained once."""
+    (spec,) = [f for f in fields(TrainingArguments) if f.name == name]
+    return field(default=spec.default, metadata=spec.metadata)
+
+
 def parse_training_args(argv: list[str] | None = None) -> TrainingArguments:
     """Parse flags (and `--config FILE`) into `TrainingArguments`, with the chosen preset's defaults filled in."""
     argv = list(sys.argv[1:] if argv is None else argv)

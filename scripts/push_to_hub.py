@@ -10,32 +10,40 @@ shell history). On failure the script prints one line saying what to fix and exi
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
+from dataclasses import dataclass, field
 
+from hf_ddpm.arguments import parse_model_arguments
 from hf_ddpm.cli import run_cli
-from hf_ddpm.hub import push_options, push_to_hub
+from hf_ddpm.hub import check_repo_id, push_options, push_to_hub
+from hf_ddpm.training_args import training_flag
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("output_dir", help="the training output folder (model_index.json, unet/, scheduler/, ...)")
-    parser.add_argument("--hub_model_id", required=True, help="org/name of the Hub repo (created if missing)")
-    parser.add_argument("--hub_token", default=None, help="Hub token (default: HF_TOKEN, else the login cache)")
-    parser.add_argument("--hub_private_repo", action="store_true", help="create the repo as private")
-    parser.add_argument("--hub_revision", default=None, help="branch to push to (created from main if missing)")
-    parser.add_argument("--push_checkpoints", action="store_true", help="also upload checkpoints/")
-    parser.add_argument("--push_logs", action="store_true", help="also upload logs/ (tensorboard)")
-    parser.add_argument("--overwrite_model_card", action="store_true", help="replace a README edited on the Hub")
-    parser.add_argument("--commit_message", default=None, help="summary of the commit")
-    return parser.parse_args(argv)
+@dataclass
+class PushArguments:
+    """The flags of scripts/push_to_hub.py: the Hub flags of scripts/train.py, with --hub_model_id required."""
+
+    hub_model_id: str = field(metadata={"help": "org/name of the Hub repo (created if missing)"})
+    hub_token: str | None = training_flag("hub_token")
+    hub_private_repo: bool = training_flag("hub_private_repo")
+    hub_revision: str | None = training_flag("hub_revision")
+    push_checkpoints: bool = training_flag("push_checkpoints")
+    push_logs: bool = training_flag("push_logs")
+    overwrite_model_card: bool = training_flag("overwrite_model_card")
+    commit_message: str | None = field(default=None, metadata={"help": "summary of the commit"})
+
+    def __post_init__(self) -> None:
+        check_repo_id(self.hub_model_id)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    output_dir, args = parse_model_arguments(
+        (PushArguments,), argv, description=__doc__,
+        positional=("output_dir", "the training output folder (model_index.json, unet/, scheduler/, ...)"),
+    )  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    print(push_to_hub(args.output_dir, args.hub_model_id, commit_message=args.commit_message, **push_options(args)))
+    print(push_to_hub(output_dir, args.hub_model_id, commit_message=args.commit_message, **push_options(args)))
 
 
 if __name__ == "__main__":

@@ -286,6 +286,18 @@ def test_script_reports_a_rejected_token_in_one_line(output_dir: Path, hub: HubS
     assert REPO not in hub.repos
 
 
+def test_script_refuses_a_bad_repo_id_in_one_line_before_any_request(
+    output_dir: Path, hub: HubServer, tmp_path: Path
+) -> None:
+    """A bare switch may come before OUTPUT_DIR; the repo id is checked as its flag is parsed."""
+    proc = run_script("--push_logs", str(output_dir), "--hub_model_id", "a//b", hub=hub, cwd=tmp_path, token=TOKEN)
+
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: --hub_model_id a//b is not a valid repo id")
+    assert not hub.requests
+
+
 def test_private_repo_is_created_private(output_dir: Path, hub: HubServer) -> None:
     push(output_dir, hub, private=True)
     assert hub.repos[REPO].private

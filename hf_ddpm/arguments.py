@@ -28,7 +28,11 @@ _BOOL_WORDS = {"yes", "true", "t", "y", "1", "no", "false", "f", "n", "0"}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Each flag's default after its help, and the description (a script's docstring, with examples) as written."""
+    """Each optional flag's default after its help, and the description (a script's docstring, with examples) as
+    written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.required else super()._get_help_string(action)  # a required flag has none
 
 
 def parse_model_arguments(

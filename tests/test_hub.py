@@ -298,6 +298,13 @@ def test_script_refuses_a_bad_repo_id_in_one_line_before_any_request(
     assert not hub.requests
 
 
+def test_script_help_shows_defaults_but_not_for_the_required_repo_id() -> None:
+    command = [sys.executable, str(ROOT / "scripts" / "push_to_hub.py"), "--help"]
+    out = " ".join(subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout.split())
+    assert "org/name of the Hub repo (created if missing) --hub_token" in out
+    assert "replace a README edited on the Hub (default: False)" in out
+
+
 def test_private_repo_is_created_private(output_dir: Path, hub: HubServer) -> None:
     push(output_dir, hub, private=True)
     assert hub.repos[REPO].private

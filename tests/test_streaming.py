@@ -182,6 +182,16 @@ def test_a_bad_parquet_or_arrow_row_is_named_by_its_shard_row_and_stored_file_na
         stream.batch(0, torch.Generator())
 
 
+def test_a_bad_file_of_a_streamed_image_folder_is_named_by_its_path(shards, tmp_path):
+    folder = as_other_source(shards, "imagefolder", tmp_path / "images")
+    (folder / "010003.png").write_bytes(b"not a png")
+    args = parse_training_args([*STREAM_FAST, "--streaming", "--train_data_dir", str(folder), "--max_train_steps", "1",
+                                "--train_batch_size", str(SHARDS * PER_SHARD)])  # fmt: skip
+    stream = open_stream(args, 8, 3, seed=0, rank=0, world_size=1)
+    with pytest.raises(DataError, match=rf": {folder / '010003.png'} is not a readable image"):
+        stream.batch(0, torch.Generator())
+
+
 def test_each_process_reads_whole_shards_of_its_own_reshuffled_every_epoch(shards):
     """In process, for ranks 0 and 1 of 2 over 4 shards: each epoch every image once across the ranks, each rank
     two whole shards (webdataset keys start with their shard), and the ranks' shards change between epochs."""

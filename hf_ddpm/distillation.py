@@ -4,12 +4,12 @@
 
 Progressive distillation (Salimans & Ho 2022, Algorithm 2): a student, initialised from the teacher, learns to
 take in one DDIM step what the teacher takes in two; the student becomes the next round's teacher, so each round
-halves the steps. Here the first round may distil more teacher steps per student step (by default 16 teacher
-DPM-Solver++(2M) steps into a 4-step student, then students of 2 and 1 steps), which keeps the quality of a
-16-step second-order solution of the teacher's ODE (better than 32 DDIM steps' at half the teacher calls) as the
-target for fewer rounds. The student predicts v (the paper's
-choice: stable down to one step, where an epsilon prediction is divided by sqrt(abar_T) ~ 0.006) and is saved
-as a `UNet2DModel` with a `DDIMScheduler`, so that
+halves the steps. By default the first round distils 16 teacher DPM-Solver++(2M) steps (a second-order solution
+of the teacher's ODE, better than 32 DDIM steps' at half the teacher calls) into an 8-step student, then come
+students of 4, 2 and 1 steps; the first round may also distil more teacher steps per student step
+(`--first_student_steps`), which was worse at the same cost (README, Distillation). The student predicts v (the
+paper's choice: stable down to one step, where an epsilon prediction is divided by sqrt(abar_T) ~ 0.006) and is
+saved as a `UNet2DModel` with a `DDIMScheduler`, so that
 
     >>> from diffusers import DDPMPipeline
     >>> pipe = DDPMPipeline.from_pretrained("output-distilled")
@@ -72,7 +72,7 @@ from hf_ddpm.training_args import TrainingArguments
 
 METHODS = tuple(DISTILLED_SAMPLERS)
 TEACHER_SOLVERS = ("ddim", "dpmsolver++")  # how progressive distillation runs the teacher between student steps
-FIRST_ROUND_STEPS, LATER_ROUND_STEPS = 2000, 1500  # the default --steps_per_round
+FIRST_ROUND_STEPS, LATER_ROUND_STEPS = 1300, 1500  # the default --steps_per_round
 CONSISTENCY_STEPS = 1200  # the default --max_train_steps of --method consistency
 
 logger = get_logger(__name__)  # accelerate's: logs on the main process only
@@ -136,16 +136,16 @@ class DistillationArguments(TrainingArguments):
                   "(DPM-Solver++(2M): second order for the same teacher calls)"},
     )  # fmt: skip
     first_student_steps: int | None = field(
-        default=4,
-        metadata={"help": "steps of the first round's student, each later round halving them (default 4: 4 teacher "
-                  "steps per student step; the paper's is half of --teacher_steps)"},
+        default=None,
+        metadata={"help": "steps of the first round's student, each later round halving them (default: half of "
+                  "--teacher_steps, 2 teacher steps per student step as in the paper)"},
     )  # fmt: skip
     student_steps: int = field(default=1, metadata={"help": "steps of the last round's student"})
     steps_per_round: list[int] | None = field(
         default=None,
-        metadata={"help": "optimizer steps per round: one number for every round, or one per round (default: 2000 "
-                  "for the first, 1500 for each later one; the default's 3 rounds take 10-12 minutes on 2 idle CPU "
-                  "cores); more for a better student (the paper: 50k)"},
+        metadata={"help": "optimizer steps per round: one number for every round, or one per round (default: 1300 "
+                  "for the first, 1500 for each later one; the default's 4 rounds take 12-15 minutes on 2 idle CPU "
+                  "cores); fewer for a faster, worse student, more for a better one (the paper: 50k)"},
     )  # fmt: skip
     # training's defaults, changed for a student that starts from its teacher
     output_dir: str = field(default="output-distilled", metadata={"help": "where the student, logs and checkpoints go"})

@@ -119,19 +119,20 @@ def test_arguments_refuse_steps_that_do_not_halve_and_set_the_run_length():
     assert paper.num_rounds == 3 and paper.max_train_steps == 30 and paper.final_steps == 2
     assert paper.steps_per_round == [10, 10, 10] and [paper.round_at(s) for s in (0, 9, 10, 29)] == [
         (0, 0), (0, 9), (1, 0), (2, 9)]  # fmt: skip
-    uneven = parse_distillation_args(["t", "--steps_per_round", "4", "2", "3"])
-    assert uneven.max_train_steps == 9 and [uneven.round_at(s)[0] for s in range(9)] == [0] * 4 + [1] * 2 + [2] * 3
-    with pytest.raises(ConfigError, match="--steps_per_round gives 2 numbers for 3 rounds"):
+    uneven = parse_distillation_args(["t", "--steps_per_round", "4", "2", "3", "1"])
+    assert uneven.max_train_steps == 10 and [uneven.round_at(s)[0] for s in range(10)] == [0] * 4 + [1] * 2 + [
+        2] * 3 + [3]  # fmt: skip
+    with pytest.raises(ConfigError, match="--steps_per_round gives 2 numbers for 4 rounds"):
         DistillationArguments(steps_per_round=[4, 2])
     assert [paper.round_steps(r) for r in range(3)] == [8, 4, 2]
     assert [paper.steps_per_student_step(r) for r in range(3)] == [2, 2, 2]
-    default = DistillationArguments()
-    assert [default.round_steps(r) for r in range(default.num_rounds)] == [4, 2, 1]
-    assert default.steps_per_student_step(0) == 4 and default.steps_per_student_step(1) == 2
-    assert default.teacher_solver == "dpmsolver++" and default.steps_per_round == [2000, 1500, 1500]
-    assert default.max_train_steps == 5000 and default.learning_rate == 1e-4
-    paper_rounds = DistillationArguments(teacher_solver="ddim", first_student_steps=8)  # 4 rounds: 8 -> 4 -> 2 -> 1
-    assert paper_rounds.steps_per_round == [2000, 1500, 1500, 1500] and paper_rounds.steps_per_student_step(0) == 2
+    default = DistillationArguments()  # the paper's halving from 16 teacher steps: 8 -> 4 -> 2 -> 1
+    assert [default.round_steps(r) for r in range(default.num_rounds)] == [8, 4, 2, 1]
+    assert [default.steps_per_student_step(r) for r in range(default.num_rounds)] == [2, 2, 2, 2]
+    assert default.teacher_solver == "dpmsolver++" and default.steps_per_round == [1300, 1500, 1500, 1500]
+    assert default.max_train_steps == 5800 and default.learning_rate == 1e-4
+    four_to_one = DistillationArguments(first_student_steps=4)  # 3 rounds: 16 teacher steps -> 4 -> 2 -> 1
+    assert four_to_one.steps_per_round == [1300, 1500, 1500] and four_to_one.steps_per_student_step(0) == 4
 
 
 def test_plain_diffusers_teacher_distils_to_a_student_that_plain_diffusers_samples(teacher, tmp_path):

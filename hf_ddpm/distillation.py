@@ -144,7 +144,7 @@ class DistillationArguments(TrainingArguments):
     steps_per_round: list[int] | None = field(
         default=None,
         metadata={"help": "optimizer steps per round: one number for every round, or one per round (default: 1300 "
-                  "for the first, 1500 for each later one; the default's 4 rounds take 12-15 minutes on 2 idle CPU "
+                  "for the first, 1500 for each later one; the default's 4 rounds took 20 minutes on 2 idle CPU "
                   "cores); fewer for a faster, worse student, more for a better one (the paper: 50k)"},
     )  # fmt: skip
     # training's defaults, changed for a student that starts from its teacher

@@ -24,6 +24,7 @@ from hf_ddpm.distillation import (
     consistency_function,
     ddim_step,
     distill,
+    loss_weight,
     parse_distillation_args,
     progressive_target,
 )
@@ -106,6 +107,35 @@ def test_progressive_target_is_the_teacher_ddim_steps_on_a_linear_toy(times):
     torch.testing.assert_close(target, (scale - r) / (a(t_next) ** 0.5 - r * a(t) ** 0.5) * zt)
     one_step = ddim_step(target, zt, abar(torch.full((4,), t)), abar(torch.full((4,), t_next)))
     torch.testing.assert_close(one_step, scale * zt)
+
+
+def test_landing_weight_is_the_squared_move_of_the_ddim_landing_point_per_unit_x_error_in_noise_units():
+    """Against autograd of `ddim_step`: d z_s / d x^ (elementwise) over sigma_s, squared, capped at max(SNR_t, 1);
+    into sigma_s = 0 (and without `landing`) the paper's max(SNR_t, 1)."""
+    alphas_cumprod = diffusers.DDPMScheduler().alphas_cumprod.double()
+    abar = abar_of(alphas_cumprod)
+    for t, s in ((999, 874), (874, 749), (249, 124), (124, -1), (999, -1), (499, 249)):
+        abar_t, abar_s = abar(torch.tensor([t])), abar(torch.tensor([s]))
+        snr_weight = (abar_t / (1 - abar_t)).clamp(min=1)
+        torch.testing.assert_close(loss_weight(abar_t, abar_s, landing=False), snr_weight)
+        x0 = torch.zeros(1, 1, dtype=torch.float64, requires_grad=True)
+        (gain,) = torch.autograd.grad(ddim_step(x0, torch.ones(1, 1, dtype=torch.float64), abar_t, abar_s).sum(), x0)
+        expected = snr_weight if s < 0 else torch.minimum(snr_weight, gain.square() / (1 - abar_s))
+        torch.testing.assert_close(loss_weight(abar_t, abar_s, landing=True), expected)
+    # the first grid point of an 8-step grid barely counts; the last step into sigma = 0 counts fully
+    assert loss_weight(abar(torch.tensor([999])), abar(torch.tensor([874])), landing=True).item() < 1e-3
+    assert loss_weight(abar(torch.tensor([124])), abar(torch.tensor([-1])), landing=True).item() > 1
+
+
+@pytest.mark.parametrize("flag", [["--landing_weight", "true"], []])
+def test_landing_weight_applies_only_in_the_epsilon_teachers_round(teacher, tmp_path, monkeypatch, flag):
+    import hf_ddpm.distillation as distillation
+
+    landing = []
+    real = distillation.loss_weight
+    monkeypatch.setattr(distillation, "loss_weight", lambda a, b, on: landing.append(on) or real(a, b, on))
+    run(teacher, tmp_path / "student", *flag)  # 2 rounds of 2 steps; round 2's teacher is round 1's v student
+    assert landing == ([True, True, False, False] if flag else [False] * 4)
 
 
 def test_arguments_refuse_steps_that_do_not_halve_and_set_the_run_length():

@@ -17,8 +17,9 @@ the rounds for each side, their ratio, peak memory, the share of hf_ddpm's step 
 optimizer (against `core_step`, the same step on one reused batch without EMA or logging, one step of each in
 turn), and a profile of --profile_steps of hf_ddpm's steps by the `record_function` labels of
 `hf_ddpm.trainer.STEP_PHASES` (the profiler's cost per op inflates the phases of small ops). --torch_compile and
---channels_last apply to (a) only; --mixed_precision to both (accelerate keeps one precision per process).
---json writes the figures.
+--channels_last apply to (a) only; --mixed_precision to both (accelerate keeps one precision per process), unless
+--reference_fp32 keeps (b) in fp32, the precision train_unconditional.py runs in unless told otherwise, so that
+hf_ddpm with every lever is compared with the reference as users run it. --json writes the figures.
 """
 
 from __future__ import annotations
@@ -67,7 +68,12 @@ class ReferenceLoop:
     """train_unconditional.py's training step on hf_ddpm's network, data and optimizer settings."""
 
     def __init__(
-        self, args: TrainingArguments, unet_config: dict[str, Any], data: ImageDataset, accelerator: Accelerator
+        self,
+        args: TrainingArguments,
+        unet_config: dict[str, Any],
+        data: ImageDataset,
+        accelerator: Accelerator,
+        fp32: bool = False,
     ) -> None:
         self.accelerator = accelerator
         model = diffusers.UNet2DModel.from_config(unet_config)
@@ -92,10 +98,12 @@ class ReferenceLoop:
             model, optimizer, loader, self.lr_scheduler
         )
         self.ema.to(accelerator.device)
+        if fp32:  # the forward without accelerate's autocast wrapper
+            self.model = accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
         self.batches = itertools.chain.from_iterable(itertools.repeat(loader))  # epoch after epoch
         self.max_grad_norm = args.max_grad_norm
         dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
-        self.weight_dtype = dtypes.get(accelerator.mixed_precision, torch.float32)
+        self.weight_dtype = torch.float32 if fp32 else dtypes.get(accelerator.mixed_precision, torch.float32)
         self.global_step = 0
         self.model.train()
 
@@ -230,7 +238,8 @@ def summary(seconds: list[float], images_per_step: int, steps: int) -> dict[str,
 def report(results: dict[str, Any]) -> str:
     lines = [
         f"train_throughput: {results['preset']}, batch {results['batch_size']}, mixed precision "
-        f"{results['mixed_precision']}; hf_ddpm: {results['speed_settings']}",
+        f"{results['mixed_precision']} (reference: {results['reference_mixed_precision']}); hf_ddpm: "
+        f"{results['speed_settings']}",
         f"{results['hardware']}; torch {torch.__version__}",
         f"{results['rounds']} rounds x {results['steps']} steps per side after a warm-up round, alternating",
         "",
@@ -275,6 +284,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--channels_last", action="store_true")
     parser.add_argument("--no_tf32", action="store_true", help="CUDA: true fp32 (hf_ddpm's --allow_tf32 false)")
     parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    parser.add_argument(
+        "--reference_fp32",
+        action="store_true",
+        help="the reference in fp32 whatever --mixed_precision (train_unconditional.py's default)",
+    )
     parser.add_argument("--steps", type=int, default=50, help="optimizer steps per round and side")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per side, after one warm-up round")
     parser.add_argument("--profile_steps", type=int, default=20, help="0: no profile")
@@ -290,7 +304,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ]  # fmt: skip
         trainer = Trainer(parse_training_args(flags))
         device = trainer.accelerator.device
-        reference = ReferenceLoop(trainer.args, trainer.unet.config, trainer.data, trainer.accelerator)
+        reference = ReferenceLoop(trainer.args, trainer.unet.config, trainer.data, trainer.accelerator,
+                                  fp32=options.reference_fp32)  # fmt: skip
         sides = {"hf_ddpm": hf_ddpm_step(trainer), "reference": reference.step}
         seconds, peak = measure(sides, options.steps, options.rounds, device)
         overhead = (overhead_share(sides["hf_ddpm"], core_step(trainer), options.overhead_steps, device)
@@ -298,6 +313,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         profiled = profile_phases(sides["hf_ddpm"], options.profile_steps, device) if options.profile_steps else {}
     results: dict[str, Any] = {
         "preset": options.preset, "batch_size": options.batch_size, "mixed_precision": options.mixed_precision,
+        "reference_mixed_precision": "no" if options.reference_fp32 else options.mixed_precision,
         "speed_settings": trainer._levers(), "hardware": speed.hardware(trainer.accelerator),
         "device": device.type, "steps": options.steps, "rounds": options.rounds,
         "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

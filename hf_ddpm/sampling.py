@@ -475,10 +475,12 @@ def compile_for_sampling(pipeline: DDPMPipeline, batch_size: int) -> bool:
     unet = pipeline.unet.eval()
     size = unet.config.sample_size
     height, width = (size, size) if isinstance(size, int) else size
-    x = torch.zeros(batch_size, unet.config.in_channels, height, width, device=unet.device, dtype=unet.dtype)
-    t = torch.zeros(batch_size, dtype=torch.long, device=unet.device)
+    generator = torch.Generator(unet.device).manual_seed(0)  # not the global RNG
+    shape = (batch_size, unet.config.in_channels, height, width)
+    x = torch.randn(shape, generator=generator, device=unet.device).to(unet.dtype)
+    t = torch.linspace(0, 999, batch_size, device=unet.device).long()
     with torch.no_grad():
-        return speed.compile_unet(unet, lambda: unet(x, t))
+        return speed.compile_unet(unet, lambda: [unet(x, t).sample])
 
 
 def sample_images(model: str, args: SampleArguments) -> None:

@@ -455,6 +455,8 @@ class Trainer:
         """The speed settings in effect, for the log and training_summary.json."""
         levers = ["compiled UNet" if self.compiled else "eager UNet"]
         levers.append("channels_last" if self.memory_format == speed.CHANNELS_LAST else "NCHW")
+        if self.accelerator.mixed_precision != "no":
+            levers.append(f"{self.accelerator.mixed_precision} autocast")
         if self.accelerator.device.type == "cuda":
             levers.append(f"TF32 {'on' if self.tf32 else 'off'}")
         if self.optimizer.param_groups[0].get("fused"):
@@ -600,15 +602,18 @@ class Trainer:
             xt = self.noise_scheduler.q_sample(x0, timesteps, noise)
         return x0, timesteps, weights, noise, xt
 
-    def _compile_trial(self) -> None:
+    def _compile_trial(self) -> list[torch.Tensor]:
         """--torch_compile: one forward and backward on the first micro-batch as training makes them, so that
-        compiling happens (or fails) now; it leaves no gradients and draws nothing from the global RNGs."""
+        compiling happens (or fails) now; returns the parameters' gradients, and leaves none behind nor draws from
+        the global RNGs."""
         x0, timesteps, _, _, xt = self._batch(0)
         devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
         self.model.train()
         with torch.random.fork_rng(devices), self.accelerator.no_sync(self.model), self.accelerator.autocast():
-            self.model(xt, timesteps).sample.float().mean().backward()
+            self.model(xt, timesteps).sample.float().square().mean().backward()
+        gradients = [p.grad for p in self.unet.parameters() if p.grad is not None]
         self.optimizer.zero_grad(set_to_none=True)
+        return gradients
 
     def build_model(self) -> tuple[UNet2DModel, DDPMScheduler]:
         """The network to train and the forward process of the run (`hf_ddpm.distillation.Distiller`: a student)."""

@@ -12,6 +12,7 @@ import subprocess
 
 import pytest
 import torch
+from accelerate import PartialState
 from conftest import PYTHON, REPO_ROOT
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
@@ -19,6 +20,7 @@ from test_training import FAST, run, weights
 
 from hf_ddpm import speed
 from hf_ddpm.errors import TrainingError
+from hf_ddpm.presets import build_unet
 from hf_ddpm.scheduler import DDPMScheduler
 from hf_ddpm.trainer import Trainer
 from hf_ddpm.training_args import parse_training_args
@@ -106,7 +108,7 @@ def test_the_prefetcher_makes_each_item_once_in_order_drops_skipped_ones_and_rai
 
 
 def test_a_failing_compile_warns_once_and_trains_eager(tmp_path, monkeypatch, caplog):
-    def broken(function):
+    def broken(function, **options):
         def call(*args, **kwargs):
             raise RuntimeError("no C++ compiler\nlong traceback")
 
@@ -121,6 +123,69 @@ def test_a_failing_compile_warns_once_and_trains_eager(tmp_path, monkeypatch, ca
     )
     assert trainer.train()["speed_settings"] == "eager UNet, NCHW, fused AdamW, foreach-lerp EMA"
     assert all(p.grad is None for p in trainer.unet.parameters())
+
+
+@pytest.mark.parametrize(
+    ("flags", "label"),
+    [("avx2 amx_bf16 avx512_bf16 avx512f", "AMX BF16"), ("avx2 avx512_bf16 avx512f", "AVX-512 BF16"),
+     ("avx2 avx512f", "AVX-512"), ("avx2 fma", "AVX2"), ("sse2", None)],
+)  # fmt: skip
+def test_the_cpu_is_named_by_its_best_matrix_or_vector_extension(tmp_path, flags, label):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu {flags}\n\nprocessor\t: 1\n")
+    assert speed.cpu_name(cpuinfo) == (f"Some Xeon CPU ({label})" if label else "Some Xeon CPU")
+
+
+def test_compiled_digits_unet_gets_the_eager_gradients(tmp_path):
+    # torch 2.13's CPU inductor, with its layout optimisation, gave this UNet (3 levels; tiny-8's 2 were right)
+    # zero gradients below its second up-sampling block: every compiled training step trained a quarter of it
+    PartialState()  # accelerate's logger, which a warning would go through, needs it
+    torch.manual_seed(0)
+    unet = build_unet("digits-16")
+    x, t = torch.randn(8, 1, 16, 16), torch.randint(0, 1000, (8,))
+
+    def gradients():
+        unet.zero_grad(set_to_none=True)
+        unet(x, t).sample.square().mean().backward()
+        return [p.grad.clone() for p in unet.parameters()]
+
+    eager = gradients()
+    assert speed.compile_unet(unet, gradients) and "forward" in vars(unet)
+    for name, a, b in zip([n for n, _ in unet.named_parameters()], eager, gradients(), strict=True):
+        if not name.endswith(NOISE_ONLY):
+            torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_a_miscompiled_unet_is_caught_on_its_trial_call_and_runs_eager(monkeypatch, caplog):
+    def miscompiling(function, **options):
+        def call(*args, **kwargs):
+            out = function(*args, **kwargs)
+            out.sample = out.sample * 0  # what zero gradients below a block look like at the output
+            return out
+
+        return call
+
+    PartialState()  # accelerate's logger, which the warning goes through, needs it
+    unet = build_unet("tiny-8").eval()
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 700])
+    monkeypatch.setattr(torch, "compile", miscompiling)
+    with torch.no_grad():
+        assert not speed.compile_unet(unet, lambda: [unet(x, t).sample])
+    assert "forward" not in vars(unet)
+    warned = [r.message for r in caplog.records if "--torch_compile" in r.message]
+    assert len(warned) == 1 and warned[0].endswith(
+        "--torch_compile: the compiled UNet is wrong (1 of 1 tensors of a trial call differ from eager (relative "
+        "error up to 1.00)); running eager"
+    )
+
+
+def test_compiled_mismatch_allows_rounding_and_ignores_float_noise_but_not_nan():
+    big, noise = torch.ones(100), torch.full((3,), 1e-9)
+    assert speed.compiled_mismatch([big, noise], [big * 1.02, -noise]) is None  # bf16-sized error; noise flipped
+    assert speed.compiled_mismatch([big, noise], [big * 0, noise]) == (
+        "1 of 2 tensors of a trial call differ from eager (relative error up to 1.00)"
+    )
+    assert speed.compiled_mismatch([big, noise], [big, noise * float("nan")]).startswith("1 of 2")
 
 
 def test_the_loss_is_read_only_at_logging_steps_and_before_checkpoints(tmp_path, monkeypatch):
@@ -231,6 +296,32 @@ def test_train_throughput_measures_both_loops_and_profiles_every_phase(tmp_path)
     out = benchmark("train_throughput.py", "--preset", "tiny-8", "--batch_size", "8", "--steps", "2", "--rounds",
                     "1", "--profile_steps", "0", "--overhead_steps", "0")  # fmt: skip
     assert "hf_ddpm / reference" in out and "outside forward" not in out and "profiled" not in out
+
+
+def test_train_throughput_can_hold_the_reference_in_fp32_beside_a_bf16_trainer():
+    # in one process, as the benchmark runs them: the trainer under accelerate's bf16 autocast, the reference not
+    code = """
+import sys, tempfile, torch
+sys.path.insert(0, "benchmarks")
+from train_throughput import ReferenceLoop
+from hf_ddpm.trainer import Trainer
+from hf_ddpm.training_args import parse_training_args
+with tempfile.TemporaryDirectory() as tmp:
+    trainer = Trainer(parse_training_args(["--preset", "tiny-8", "--train_batch_size", "4", "--output_dir", tmp,
+        "--report_to", "none", "--max_train_steps", "10", "--mixed_precision", "bf16"]))
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([1, 2, 3, 4])
+    sides = {"bf16": ReferenceLoop(trainer.args, trainer.unet.config, trainer.data, trainer.accelerator),
+             "fp32": ReferenceLoop(trainer.args, trainer.unet.config, trainer.data, trainer.accelerator, fp32=True)}
+    for name, loop in sides.items():
+        loop.step()
+        ran = []  # the dtype the first convolution computed in
+        loop.model.conv_in.register_forward_hook(lambda module, args, out: ran.append(out.dtype))
+        loop.model(x, t)
+        print(name, ran[0], loop.weight_dtype)
+"""
+    result = subprocess.run([PYTHON, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[:2] == ["bf16 torch.bfloat16 torch.bfloat16", "fp32 torch.float32 torch.float32"]
 
 
 def test_data_throughput_times_both_paths_and_the_steps_consumption(tmp_path):

@@ -16,11 +16,13 @@ import pytest
 import torch
 from conftest import REPO_ROOT, run_without_hf_ddpm
 from safetensors.torch import load_file
+from test_speed import assert_close_weights
 
 from hf_ddpm import checkpointing
 from hf_ddpm.distillation import (
     ConsistencyDistiller,
     DistillationArguments,
+    Distiller,
     consistency_function,
     ddim_step,
     distill,
@@ -197,6 +199,23 @@ np.save("plain.npy", images)
     plain = np.load(tmp_path / "plain.npy")
     ours = generate(DDPMPipeline.from_pretrained(out), 3, sampler="ddim", num_inference_steps=2, progress=False)
     assert np.abs(np.round(plain * 255).astype(int) - ours.permute(0, 2, 3, 1).numpy()).max() <= 1
+
+
+def test_torch_compile_compiles_the_teacher_too_and_distils_what_eager_does(teacher, tmp_path, monkeypatch):
+    from hf_ddpm import speed
+
+    compiled = []
+    real = speed.compile_unet
+    monkeypatch.setattr(speed, "compile_unet", lambda unet, trial: compiled.append(unet) or real(unet, trial))
+    distiller = Distiller(parse_distillation_args([str(teacher), *FAST, "--output_dir", str(tmp_path / "compiled"),
+                                                   "--torch_compile"]))  # fmt: skip
+    assert compiled == [distiller.unet, distiller.teacher.unet] and "forward" in vars(distiller.teacher.unet)
+    assert distiller.train()["speed_settings"].startswith("compiled UNet")
+    run(teacher, tmp_path / "eager")
+    name = "unet/diffusion_pytorch_model.safetensors"
+    for folder in ("", "students/2-step"):  # round 2's teacher is round 1's student, compiled in place
+        eager, fast = (load_file(tmp_path / side / folder / name) for side in ("eager", "compiled"))
+        assert_close_weights(eager, fast)
 
 
 class _Interrupt(Exception):

@@ -431,8 +431,9 @@ class SamplingArguments:
     )
     torch_compile: bool = field(
         default=False,
-        metadata={"help": "compile the UNet with torch.compile before sampling (README, Throughput: 1.49x plain "
-                  "diffusers' evaluations/s on a 2-core CPU, images within one 8-bit level); eager if it fails"},
+        metadata={"help": "compile the UNet with torch.compile before sampling (README, Throughput: 1.32x-1.49x "
+                  "plain diffusers' evaluations/s on 2-core CPUs, images within one 8-bit level); eager if it fails "
+                  "or its output differs from eager"},
     )  # fmt: skip
 
     def __post_init__(self) -> None:

@@ -143,7 +143,7 @@ class TrainingArguments(DataArguments):
     torch_compile: bool = field(
         default=False,
         metadata={"help": "compile the UNet's forward with torch.compile (a minute or more before the first step; "
-                  "eager with a warning if compiling fails)"},
+                  "eager with a warning if compiling fails or the compiled gradients differ from eager ones)"},
     )  # fmt: skip
     channels_last: bool = field(default=False, metadata={"help": "UNet and batches in channels_last (NHWC) layout"})
     prefetch_batches: int | None = field(

@@ -290,7 +290,9 @@ def test_train_throughput_measures_both_loops_and_profiles_every_phase(tmp_path)
     assert results["hf_ddpm"]["median"] > 0 and results["reference"]["median"] > 0
     assert set(results["profile"]["phases"]) == {"data", "noise", "forward_backward", "optimizer", "ema", "logging"}
     assert results["profile"]["phases"]["forward_backward"]["host_ms"] > 0
-    assert -1 < results["overhead"]["min"] <= results["overhead"]["median"] <= results["overhead"]["max"] < 1
+    # min-max are over blocks of steps; the share over all steps is a ratio of medians, which can fall outside them
+    overhead = results["overhead"]
+    assert -1 < overhead["min"] <= overhead["max"] < 1 and -1 < overhead["median"] < 1
     assert "outside forward/backward and the optimizer" in out
     assert "hf_ddpm / reference" in out and "CPU" in out
     out = benchmark("train_throughput.py", "--preset", "tiny-8", "--batch_size", "8", "--steps", "2", "--rounds",

@@ -117,8 +117,10 @@ for compiled in ("", "-compiled"):
         if r:
             s = r["hf_ddpm"]
             memory = f"{s['peak_memory_mib']:.0f}" if s["peak_memory_mib"] is not None else "-"
+            # a compile that failed or was caught computing wrong gradients runs eager (speed.compile_unet)
+            fell_back = compiled and not r["speed_settings"].startswith("compiled")
             print(f"| train {precision}{' compiled' if compiled else ''} | {s['median']:.0f} | {s['steps_per_s']:.1f} | "
-                  f"{r['ratio']['median']:.2f}x | {memory} | {status(name)} |")
+                  f"{r['ratio']['median']:.2f}x | {memory} | {status(name)}{', ran eager' if fell_back else ''} |")
         else:
             print(f"| train {precision}{' compiled' if compiled else ''} | | | | | {status(name)} |")
 resume = load("resume")

@@ -157,7 +157,7 @@ class DistillationArguments(TrainingArguments):
     steps_per_round: list[int] | None = field(
         default=None,
         metadata={"help": "optimizer steps per round: one number for every round, or one per round (default: 1300 "
-                  "for the first, 1500 for each later one; the default's 4 rounds took 20 minutes on 2 idle CPU "
+                  "for the first, 1500 for each later one; the default's 4 rounds took 15-21 minutes on 2 idle CPU "
                   "cores); fewer for a faster, worse student, more for a better one (the paper: 50k)"},
     )  # fmt: skip
     landing_weight: bool = field(

@@ -300,7 +300,7 @@ def test_train_throughput_measures_both_loops_and_profiles_every_phase(tmp_path)
     assert "hf_ddpm / reference" in out and "outside forward" not in out and "profiled" not in out
 
 
-def test_train_throughput_can_hold_the_reference_in_fp32_beside_a_bf16_trainer():
+def test_train_throughput_can_hold_the_reference_in_fp32_beside_a_bf16_trainer_whose_log_says_bf16():
     # in one process, as the benchmark runs them: the trainer under accelerate's bf16 autocast, the reference not
     code = """
 import sys, tempfile, torch
@@ -320,10 +320,15 @@ with tempfile.TemporaryDirectory() as tmp:
         loop.model.conv_in.register_forward_hook(lambda module, args, out: ran.append(out.dtype))
         loop.model(x, t)
         print(name, ran[0], loop.weight_dtype)
+    print(trainer._levers())
 """
     result = subprocess.run([PYTHON, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split("\n")[:2] == ["bf16 torch.bfloat16 torch.bfloat16", "fp32 torch.float32 torch.float32"]
+    assert result.stdout.split("\n")[:3] == [
+        "bf16 torch.bfloat16 torch.bfloat16",
+        "fp32 torch.float32 torch.float32",
+        "eager UNet, NCHW, bf16 autocast, fused AdamW, foreach-lerp EMA",
+    ]
 
 
 def test_data_throughput_times_both_paths_and_the_steps_consumption(tmp_path):

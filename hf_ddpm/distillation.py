@@ -65,7 +65,7 @@ from hf_ddpm.errors import ConfigError
 from hf_ddpm.hub import load_pipeline
 from hf_ddpm.model_card import STUDENTS_DIR
 from hf_ddpm.pipeline import DDPMPipeline
-from hf_ddpm.sampling import DISTILLED_SAMPLERS
+from hf_ddpm.sampling import CLIP_SAMPLE_CONFIG, DISTILLED_SAMPLERS
 from hf_ddpm.scheduler import DDPMScheduler
 from hf_ddpm.trainer import Trainer
 from hf_ddpm.training_args import TrainingArguments
@@ -312,13 +312,15 @@ class Distiller(Trainer):
 
     def export_pipeline(self, unet: UNet2DModel) -> DiffusionPipeline:
         """`unet` with DDIM on the teacher's betas, trailing timesteps (the first step at t = T - 1, the last to
-        abar = 1) and the teacher's clipping of x: what `sampling.generate(..., sampler="ddim")` makes of it too."""
+        abar = 1) and x clipped to [-1, 1] by `clip_sample` (the cheaper spelling of the teacher's thresholding at 1):
+        what `sampling.generate(..., sampler="ddim")` makes of it too."""
         return DDPMPipeline(unet=unet, scheduler=self._ddim())
 
     def _ddim(self) -> DDIMScheduler:
         return DDIMScheduler.from_config(
-            self.student_process.config, set_alpha_to_one=True, timestep_spacing="trailing", steps_offset=0
-        )
+            self.student_process.config, set_alpha_to_one=True, timestep_spacing="trailing", steps_offset=0,
+            **CLIP_SAMPLE_CONFIG,
+        )  # fmt: skip
 
     def _grid(self, steps: int) -> Tensor:
         """(steps,) timesteps of the exported DDIM scheduler at `steps` steps, as plain diffusers samples them."""

@@ -93,6 +93,12 @@ class DDPMPipeline(diffusers.DDPMPipeline):
         percent of a 1-step batch)."""
         return self.__dict__.get("execution_device") or super()._execution_device
 
+    @property
+    def _execution_dtype(self) -> torch.dtype:
+        """The UNet's dtype, of the initial noise: `execution_dtype` if set (by `generate`, likewise), else
+        diffusers' `unet.dtype`, another walk of every module (~0.26 ms, half a percent of a 1-step batch)."""
+        return self.__dict__.get("execution_dtype") or self.unet.dtype
+
     @classmethod
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike, allow_pickle: bool = False, **kwargs: Any
@@ -159,9 +165,9 @@ class DDPMPipeline(diffusers.DDPMPipeline):
         size = config.sample_size if isinstance(config.sample_size, (tuple, list)) else (config.sample_size,) * 2
         shape = (batch_size, config.in_channels, *size)
         if latents is None:
-            image = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
+            image = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self._execution_dtype)
         else:
-            image = latents.to(device=self._execution_device, dtype=self.unet.dtype)
+            image = latents.to(device=self._execution_device, dtype=self._execution_dtype)
 
         self.scheduler.set_timesteps(num_inference_steps)
         image = image * self.scheduler.init_noise_sigma  # 1 for DDPM, DDIM, DPM-Solver; sigma_max for Euler types

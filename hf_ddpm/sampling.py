@@ -60,6 +60,10 @@ from hf_ddpm.scheduler import DDPMScheduler
 #   same for DDPM and DDIM only; DPM-Solver++ and UniPC ignore it. Measured on the previous default run (512 samples):
 #   unclipped DDIM-20 digits FD 78.1 vs 23.9 clipped, unclipped DPM-Solver++-20 62.5 vs 16.3 clipped.
 SAMPLING_CONFIG: dict[str, Any] = {"timestep_spacing": "trailing", "thresholding": True, "sample_max_value": 1.0}
+# The same clipping spelled as DDPM's and DDIM's `clip_sample`, which hf_ddpm runs them with and a distilled
+# student saves: the images are identical, without the quantile over every image that thresholding computes at each
+# step (a DDIM step of 64 16-px images: 0.76 ms with it, 0.08 ms without, against a 47 ms UNet call on one thread).
+CLIP_SAMPLE_CONFIG: dict[str, Any] = {"thresholding": False, "clip_sample": True, "clip_sample_range": 1.0}
 
 
 @dataclass(frozen=True)
@@ -150,12 +154,24 @@ def scheduler_settings(name: str, config: Any) -> dict[str, Any]:
     sampler = get_sampler(name)
     wanted = {**SAMPLING_CONFIG, **sampler.settings}
     inherited = sampler.scheduler_class.from_config(config).config
+    if _clips_by_clip_sample(sampler.scheduler_class, inherited):  # x_0 is clipped to [-1, 1] already
+        wanted = {key: value for key, value in wanted.items() if key not in ("thresholding", "sample_max_value")}
     if _learned_variance(config) and sampler.scheduler_class is DPMSolverMultistepScheduler:
         # DPM-Solver's own slicing of learned-variance outputs assumes 3 image channels; hf_ddpm's pipeline
         # drops the variance channels itself
         wanted["variance_type"] = None
     accepted = inspect.signature(sampler.scheduler_class.__init__).parameters  # Euler has no x_0 to clip
     return {key: value for key, value in wanted.items() if key in accepted and inherited.get(key) != value}
+
+
+def _has_clip_sample(scheduler_class: type[SchedulerMixin]) -> bool:
+    """DDPM and DDIM; a config carries `clip_sample` into the others too, which ignore it."""
+    return "clip_sample" in inspect.signature(scheduler_class.__init__).parameters
+
+
+def _clips_by_clip_sample(scheduler_class: type[SchedulerMixin], config: Any) -> bool:
+    """Whether `scheduler_class` with `config` clips x_0 to [-1, 1] by `clip_sample` (and no thresholding)."""
+    return _has_clip_sample(scheduler_class) and all(config.get(k) == v for k, v in CLIP_SAMPLE_CONFIG.items())
 
 
 def _learned_variance(config: Any) -> bool:
@@ -172,7 +188,8 @@ def make_scheduler(name: str, config: Any) -> SchedulerMixin:
     >>> pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)
 
     Each call returns a new scheduler, a copy of one built once per sampler and config (diffusers' `from_config`
-    takes ~4 ms, a few percent of a 1-step batch).
+    takes ~4 ms, a few percent of a 1-step batch). DDPM and DDIM clip x_0 by `clip_sample` rather than by
+    thresholding at 1 (`CLIP_SAMPLE_CONFIG`): the same images, faster.
     """
     return copy.deepcopy(_scheduler_template(name, json.dumps(dict(config), sort_keys=True)))
 
@@ -180,7 +197,13 @@ def make_scheduler(name: str, config: Any) -> SchedulerMixin:
 @functools.lru_cache(maxsize=64)
 def _scheduler_template(name: str, config_json: str) -> SchedulerMixin:
     config = json.loads(config_json)
-    return get_sampler(name).scheduler_class.from_config(config, **scheduler_settings(name, config))
+    scheduler_class = get_sampler(name).scheduler_class
+    scheduler = scheduler_class.from_config(config, **scheduler_settings(name, config))
+    made = scheduler.config
+    if _has_clip_sample(scheduler_class) and made.thresholding and made.sample_max_value == 1.0:
+        # thresholding at a maximum of 1 is clamp(x_0, -1, 1), which clip_sample does without the quantile
+        scheduler.register_to_config(**CLIP_SAMPLE_CONFIG)
+    return scheduler
 
 
 def sampling_pipeline(pipeline: DDPMPipeline, sampler: str) -> DDPMPipeline:
@@ -295,7 +318,8 @@ def generate(
         raise ConfigError(f"num_images and batch_size must be positive, got {num_images} and {batch_size}")
     steps = num_inference_steps or default_steps(sampler)
     pipe = sampling_pipeline(pipeline, sampler)
-    pipe.execution_device = pipe._execution_device  # found once for all batches (diffusers searches every module)
+    # found once for all batches (diffusers searches every module for each)
+    pipe.execution_device, pipe.execution_dtype = pipe._execution_device, pipe.unet.dtype
     show = progress and is_main(accelerator, local=True)
     autocast = accelerator.autocast() if accelerator else contextlib.nullcontext()
 

@@ -14,6 +14,7 @@ import torch
 from conftest import PYTHON, REPO_ROOT, run_without_hf_ddpm
 from diffusers import DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
 from diffusers import DDPMPipeline as DiffusersDDPMPipeline
+from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 
@@ -22,6 +23,7 @@ from hf_ddpm.hub import load_pipeline
 from hf_ddpm.pipeline import DDPMPipeline
 from hf_ddpm.presets import build_unet
 from hf_ddpm.sampling import (
+    CLIP_SAMPLE_CONFIG,
     SAMPLERS,
     SAMPLING_CONFIG,
     SampleArguments,
@@ -140,8 +142,34 @@ def test_make_scheduler_overrides_a_leading_clipping_ddpm_config():
         assert scheduler.config.timestep_spacing == "trailing", name
         scheduler.set_timesteps(default_steps(name) if name != "ddpm" else 10)
         assert int(scheduler.timesteps[0]) == 999, name
-        if name != "euler_a":  # x_0 clipped to [-1, 1] by every solver that predicts x_0
+        if name in ("ddpm", "ddim"):  # x_0 clipped to [-1, 1] by every solver that predicts x_0: by clip_sample
+            assert {key: scheduler.config[key] for key in CLIP_SAMPLE_CONFIG} == CLIP_SAMPLE_CONFIG, name
+        elif name != "euler_a":  # by thresholding at a maximum of 1 in the others
             assert scheduler.config.thresholding and scheduler.config.sample_max_value == 1.0, name
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_ddpm_and_ddim_clip_by_clip_sample_as_thresholding_at_1_does(sampler):
+    """hf_ddpm runs DDPM and DDIM with clip_sample instead of the saved thresholding at 1 (no quantile per step):
+    the same steps, bit for bit, on predictions far outside [-1, 1]."""
+    config = DDPMScheduler(**SAMPLING_CONFIG).config
+    ours = make_scheduler(sampler, config)
+    assert not ours.config.thresholding and ours.config.clip_sample
+    thresholding = type(ours).from_config(config, **scheduler_settings(sampler, config))
+    assert thresholding.config.thresholding and thresholding.config.sample_max_value == 1.0
+    for scheduler in (ours, thresholding):
+        scheduler.set_timesteps(4)
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    for t in ours.timesteps:
+        output = 3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(int(t)))
+        a = ours.step(output, t, x, generator=torch.Generator().manual_seed(1))
+        b = thresholding.step(output, t, x, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(a.pred_original_sample, b.pred_original_sample) and a.pred_original_sample.abs().max() == 1
+        assert torch.equal(a.prev_sample, b.prev_sample)
+        x = a.prev_sample
+    # a config that clips by clip_sample already (a distilled student's) asks for no thresholding in a snippet
+    assert "thresholding" not in scheduler_settings(sampler, ours.config)
+    assert scheduler_settings("dpmsolver++", ours.config)["thresholding"] is True
 
 
 def test_x0_clipping_bounds_every_solver_prediction():
@@ -365,15 +393,27 @@ def test_make_scheduler_gives_a_fresh_scheduler_each_call(pipe):
     assert dict(second.config) == dict(built.config)
 
 
-def test_generate_looks_for_the_execution_device_once(pipe, monkeypatch):
-    """diffusers' `_execution_device` walks every module for offloading hooks; generate asks it once, not per batch,
-    and the images are those of a pipeline that asks it every batch."""
-    searches = []
-    search = DiffusionPipeline._execution_device.fget
-    counted = property(lambda self: searches.append(1) or search(self))
-    monkeypatch.setattr(DiffusionPipeline, "_execution_device", counted)
-    images = generate(pipe, 3, sampler="ddim", num_inference_steps=2, batch_size=1, progress=False)
-    assert len(searches) == 1
+def test_generate_looks_for_the_execution_device_and_dtype_once(pipe, monkeypatch):
+    """diffusers' `_execution_device` walks every module for offloading hooks, and `unet.dtype` every module too;
+    generate asks each once, not per batch (the UNet's own forward reads its dtype, outside generate's reach), and
+    the images are those of a pipeline that asks every batch."""
+    searches, dtype_reads, in_forward = [], [], []
+    search, dtype = DiffusionPipeline._execution_device.fget, ModelMixin.dtype.fget
+
+    def counted_dtype(module: ModelMixin) -> torch.dtype:
+        dtype_reads.extend([] if in_forward else [1])
+        return dtype(module)
+
+    monkeypatch.setattr(DiffusionPipeline, "_execution_device", property(lambda p: searches.append(1) or search(p)))
+    monkeypatch.setattr(ModelMixin, "dtype", property(counted_dtype))
+    hooks = [pipe.unet.register_forward_pre_hook(lambda *_: in_forward.append(1)),
+             pipe.unet.register_forward_hook(lambda *_: in_forward.clear())]  # fmt: skip
+    try:
+        images = generate(pipe, 3, sampler="ddim", num_inference_steps=2, batch_size=1, progress=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(searches) == 1 and len(dtype_reads) == 1
     scheduler = make_scheduler("ddim", pipe.scheduler.config)
     for i in range(3):
         generators = image_generators(0, [i])

@@ -16,12 +16,17 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $@
 
-.PHONY: install train test lint
+.PHONY: install train distill test lint
 install: $(BIN)/.installed
 
 train: install
 	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
 		--num_cpu_threads_per_process $(NPROC) scripts/train.py $(ARGS)
+
+# distil the trained model (./output) into 8-, 4-, 2- and 1-step students in ./output-distilled
+distill: install
+	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+		--num_cpu_threads_per_process $(NPROC) scripts/distill.py output $(ARGS)
 
 lint: install
 	$(BIN)/ruff check .

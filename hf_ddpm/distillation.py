@@ -166,6 +166,12 @@ class DistillationArguments(TrainingArguments):
                   "each grid point by at most how far its x error moves the student's landing point (better 8- "
                   "and 4-step students, a slightly worse 2-step one: README, Distillation)"},
     )  # fmt: skip
+    reset_optimizer: bool = field(
+        default=False,
+        metadata={"help": "progressive: start AdamW's moments afresh at each round, as a new training run would (the "
+                  "gradients of round 2 are 3-5x smaller than round 1's, whose second moments, 1,000 steps long at "
+                  "beta2 0.999, otherwise damp its steps)"},
+    )  # fmt: skip
     # training's defaults, changed for a student that starts from its teacher
     output_dir: str = field(default="output-distilled", metadata={"help": "where the student, logs and checkpoints go"})
     prediction_type: str = field(default="v_prediction", metadata={"help": "the student's: v_prediction, ..."})
@@ -336,7 +342,8 @@ class Distiller(Trainer):
         return abar.view(-1, *([1] * (like.ndim - 1)))
 
     def _start_round(self, round_index: int) -> None:
-        """From round 1 on, the teacher is the previous round's student (its exported, EMA weights)."""
+        """From round 1 on, the teacher is the previous round's student (its exported, EMA weights); with
+        `--reset_optimizer`, the optimizer's moments start afresh."""
         if round_index == self.teacher.round:
             return
         if self.ema is not None:
@@ -344,6 +351,8 @@ class Distiller(Trainer):
         else:
             self.teacher.unet.load_state_dict(self.unet.state_dict())
         self.teacher.process, self.teacher.round = self.student_process, round_index
+        if self.args.reset_optimizer:
+            self.optimizer.state.clear()  # AdamW fills it again at the next step, its step count from 0
         steps = self.args.round_steps(round_index)
         logger.info("round %d: %d -> %d steps", round_index + 1, steps * self.args.steps_per_student_step(round_index),
                     steps)  # fmt: skip

@@ -26,7 +26,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
@@ -198,3 +198,60 @@ def seeded_generator(stream: Stream, seed: int, *key: int, device: str | torch.d
     spawn_key = (int(stream),) if stream else ()
     state = np.random.SeedSequence((seed, *key), spawn_key=spawn_key).generate_state(1, np.uint64)[0]
     return torch.Generator(device=device).manual_seed(int(state))
+
+
+def seeded_generators(
+    stream: Stream, seed: int, indices: Sequence[int], *, prefix: Sequence[int] = (), device: str | torch.device = "cpu"
+) -> list[torch.Generator]:
+    """`seeded_generator(stream, seed, *prefix, i)` for each i of `indices`, the same generators, with the
+    SeedSequence hash computed for all of them at once (`_seed_sequence_states`: 64 image seeds in ~0.03 ms against
+    0.44 ms for 64 SeedSequence objects, a percent of a 1-step batch of a 16 px UNet)."""
+    key = [seed, *prefix]
+    if min(key, default=0) < 0 or max([*key, *indices], default=0) >= 2**32 or min(indices, default=0) < 0:
+        return [seeded_generator(stream, seed, *prefix, i, device=device) for i in indices]  # numpy's own checks
+    # the uint32 words SeedSequence assembles: one per integer below 2^32, then zeros up to its pool of 4 and the
+    # spawn key's word where there is a spawn key
+    words = [np.full(len(indices), value, np.uint32) for value in key] + [np.asarray(indices, np.uint32)]
+    if stream:
+        words += [np.zeros(len(indices), np.uint32)] * (_POOL - len(words)) + [np.full(len(indices), stream, np.uint32)]
+    return [torch.Generator(device=device).manual_seed(state) for state in _seed_sequence_states(words).tolist()]
+
+
+# numpy's SeedSequence: Melissa O'Neill's seed_seq_fe hash over a pool of four 32-bit words (numpy/random/
+# bit_generator.pyx), here over arrays of words, one element per entropy
+_POOL, _XSHIFT, _MASK32 = 4, np.uint32(16), 0xFFFFFFFF
+_INIT_A, _MULT_A, _INIT_B, _MULT_B = 0x43B0D7E5, 0x931E8875, 0x8B51F9DD, 0x58F38DED
+_MIX_MULT_L, _MIX_MULT_R = np.uint32(0xCA01F9DD), np.uint32(0x4973F715)
+
+
+def _seed_sequence_states(words: list[np.ndarray]) -> np.ndarray:
+    """`SeedSequence(...).generate_state(1, np.uint64)[0]` for each element of the assembled entropy `words`
+    (word j of every entropy in array j, all of one length), as uint64."""
+    const = _INIT_A
+
+    def hashmix(value: np.ndarray) -> np.ndarray:
+        nonlocal const
+        value = value ^ np.uint32(const)
+        const = const * _MULT_A & _MASK32
+        value = value * np.uint32(const)
+        return value ^ (value >> _XSHIFT)
+
+    def mix(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        result = _MIX_MULT_L * x - _MIX_MULT_R * y
+        return result ^ (result >> _XSHIFT)
+
+    pool = [hashmix(words[i] if i < len(words) else np.zeros_like(words[0])) for i in range(_POOL)]
+    for src in range(_POOL):
+        for dst in range(_POOL):
+            if src != dst:
+                pool[dst] = mix(pool[dst], hashmix(pool[src]))
+    for word in words[_POOL:]:
+        for dst in range(_POOL):
+            pool[dst] = mix(pool[dst], hashmix(word))
+    const, halves = _INIT_B, []
+    for word in pool[:2]:  # two 32-bit words, low half first, of the one 64-bit state
+        value = word ^ np.uint32(const)
+        const = const * _MULT_B & _MASK32
+        value = value * np.uint32(const)
+        halves.append((value ^ (value >> _XSHIFT)).astype(np.uint64))
+    return halves[0] | (halves[1] << np.uint64(32))

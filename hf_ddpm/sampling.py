@@ -44,7 +44,7 @@ from diffusers.utils import make_image_grid
 
 from hf_ddpm import atomic, speed
 from hf_ddpm.arguments import check_fp16_device, check_positive
-from hf_ddpm.distributed import Stream, is_main, run_sharded, seeded_generator
+from hf_ddpm.distributed import Stream, is_main, run_sharded, seeded_generators
 from hf_ddpm.errors import ConfigError, DataError
 from hf_ddpm.hub import load_pipeline
 from hf_ddpm.pipeline import DDPMPipeline
@@ -267,7 +267,7 @@ def image_generators(seed: int, indices: Sequence[int], device: str | torch.devi
 
     >>> gens = image_generators(0, range(8, 16))     # the generators of images 8..15
     """
-    return [seeded_generator(Stream.IMAGES, seed, i, device=device) for i in indices]
+    return seeded_generators(Stream.IMAGES, seed, indices, device=device)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

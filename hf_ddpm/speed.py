@@ -54,10 +54,31 @@ def hardware(accelerator: Accelerator) -> str:
     """Processes, CPU or GPU model, and torch threads per process: what the log and training_summary.json say."""
     if accelerator.device.type == "cuda":
         return f"{distributed.world_size(accelerator)}x {torch.cuda.get_device_name(accelerator.device)}"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return (
-        f"{distributed.world_size(accelerator)} process(es) on {cpu_name()} ({cores} cores), "
+        f"{distributed.world_size(accelerator)} process(es) on {cpu_name()} ({_usable_cpus()} cores), "
         f"{torch.get_num_threads()} torch thread(s) per process"
+    )
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, e.g. a container's or taskset's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def idle_cores_warning(accelerator: Accelerator) -> str | None:
+    """On a CPU, a one-line warning with the fix when this process runs fewer torch threads than its share of the
+    CPUs (`accelerate launch` gives a CPU process one thread unless `--num_cpu_threads_per_process` says more:
+    on 2 cores that halves the run's speed); None otherwise. An explicit choice of fewer threads is left alone."""
+    if accelerator.device.type != "cpu":
+        return None
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    share = max(1, _usable_cpus() // local_processes)
+    threads = torch.get_num_threads()
+    if threads >= share:
+        return None
+    return (
+        f"{threads} torch thread(s) per process while each of the {local_processes} process(es) here has "
+        f"{share} CPU(s): pass `accelerate launch --num_cpu_threads_per_process {share}` to use them"
     )
 
 

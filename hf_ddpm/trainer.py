@@ -443,6 +443,8 @@ class Trainer:
             args.gradient_accumulation_steps, self.global_batch, self.max_steps, speed.hardware(accelerator),
             self._levers(),
         )  # fmt: skip
+        if idle := speed.idle_cores_warning(accelerator):
+            logger.warning(idle)
         if distributed.is_main(accelerator):
             self.output_dir.mkdir(parents=True, exist_ok=True)
             hparams = {k: v for k, v in args.to_dict().items() if isinstance(v, (int, float, str, bool))}

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hf_ddpm import distributed
-from hf_ddpm.distributed import Stream, run_sharded, seeded_generator, shard
+from hf_ddpm.distributed import Stream, run_sharded, seeded_generator, seeded_generators, shard
 
 
 def fake_accelerator(rank: int, world: int) -> SimpleNamespace:
@@ -64,6 +64,27 @@ def test_image_seeds_are_the_plain_numpy_seed_sequence_of_seed_and_index():
     for seed, i in [(0, 0), (3, 5), (7, 1_000_003)]:
         expected = int(np.random.SeedSequence((seed, i)).generate_state(1, np.uint64)[0])
         assert seeded_generator(Stream.IMAGES, seed, i).initial_seed() == expected
+
+
+@pytest.mark.parametrize("stream", list(Stream))
+def test_seeded_generators_hash_many_keys_at_once_as_numpys_seed_sequence_does(stream):
+    """The vectorised hash equals numpy's SeedSequence for keys of 1 to 6 words (the pool holds 4), with and
+    without a spawn key, at the ends of the uint32 range; larger integers go through numpy itself."""
+    indices = [*range(200), 65_535, 2**31, 2**32 - 1]
+    for seed in (0, 1, 2**32 - 1):
+        for prefix in ((), (7,), (3, 2), (1, 0, 3), (5, 6, 7, 8)):
+            spawn_key = (int(stream),) if stream else ()
+            sequences = [np.random.SeedSequence((seed, *prefix, i), spawn_key=spawn_key) for i in indices]
+            expected = [int(sequence.generate_state(1, np.uint64)[0]) for sequence in sequences]
+            made = seeded_generators(stream, seed, indices, prefix=prefix)
+            assert [g.initial_seed() for g in made] == expected, (seed, prefix)
+    big = [2**32, 2**70]
+    assert [g.initial_seed() for g in seeded_generators(stream, 2**40, big)] == [
+        seeded_generator(stream, 2**40, i).initial_seed() for i in big
+    ]
+    assert seeded_generators(stream, 0, []) == []
+    with pytest.raises(ValueError):
+        seeded_generators(stream, 0, [-1])
 
 
 def test_streams_and_keys_never_share_a_seed():

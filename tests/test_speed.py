@@ -136,6 +136,39 @@ def test_the_cpu_is_named_by_its_best_matrix_or_vector_extension(tmp_path, flags
     assert speed.cpu_name(cpuinfo) == (f"Some Xeon CPU ({label})" if label else "Some Xeon CPU")
 
 
+@pytest.mark.parametrize(
+    ("device", "cpus", "local", "threads", "share"),
+    [("cpu", 2, None, 1, 2), ("cpu", 8, "2", 1, 4), ("cpu", 2, None, 2, None), ("cpu", 2, "2", 1, None),
+     ("cuda", 2, None, 1, None)],
+)  # fmt: skip
+def test_a_cpu_run_on_fewer_threads_than_its_cpus_is_told_the_launch_flag(monkeypatch, device, cpus, local, threads,
+                                                                         share):  # fmt: skip
+    """accelerate launch gives a CPU process one thread unless told: the warning names the flag and the share of the
+    CPUs each local process has."""
+    monkeypatch.setattr(speed.os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    monkeypatch.setattr(speed.torch, "get_num_threads", lambda: threads)
+    if local:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+    else:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    accelerator = type("FakeAccelerator", (), {"device": torch.device(device)})()
+    warning = speed.idle_cores_warning(accelerator)
+    if share is None:
+        assert warning is None
+    else:
+        assert warning == (f"{threads} torch thread(s) per process while each of the {local or 1} process(es) here "
+                           f"has {share} CPU(s): pass `accelerate launch --num_cpu_threads_per_process {share}` to "
+                           "use them")  # fmt: skip
+
+
+def test_the_trainer_logs_the_idle_cores_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(speed.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    monkeypatch.setattr(speed.torch, "get_num_threads", lambda: 1)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    Trainer(parse_training_args([*FAST, "--output_dir", str(tmp_path / "o"), *STEPS])).train()
+    assert any(r.message.endswith("--num_cpu_threads_per_process 3` to use them") for r in caplog.records)
+
+
 def test_compiled_digits_unet_gets_the_eager_gradients(tmp_path):
     # torch 2.13's CPU inductor, with its layout optimisation, gave this UNet (3 levels; tiny-8's 2 were right)
     # zero gradients below its second up-sampling block: every compiled training step trained a quarter of it

@@ -66,19 +66,19 @@ def _usable_cpus() -> int:
 
 
 def idle_cores_warning(accelerator: Accelerator) -> str | None:
-    """On a CPU, a one-line warning with the fix when this process runs fewer torch threads than its share of the
-    CPUs (`accelerate launch` gives a CPU process one thread unless `--num_cpu_threads_per_process` says more:
-    on 2 cores that halves the run's speed); None otherwise. An explicit choice of fewer threads is left alone."""
-    if accelerator.device.type != "cpu":
+    """A one-line warning with the fix when a single CPU process runs fewer torch threads than the CPUs it may use
+    (`accelerate launch` gives it one thread unless `--num_cpu_threads_per_process` says more: on 2 cores that
+    halves the run's speed); None otherwise. Several processes are left alone: how many share a machine is not known
+    reliably (accelerate sets LOCAL_WORLD_SIZE to 1 for ranks started by hand), and they are launched with threads
+    in mind."""
+    if accelerator.device.type != "cpu" or distributed.world_size(accelerator) > 1:
         return None
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    share = max(1, _usable_cpus() // local_processes)
-    threads = torch.get_num_threads()
-    if threads >= share:
+    threads, cpus = torch.get_num_threads(), _usable_cpus()
+    if threads >= cpus:
         return None
     return (
-        f"{threads} torch thread(s) per process while each of the {local_processes} process(es) here has "
-        f"{share} CPU(s): pass `accelerate launch --num_cpu_threads_per_process {share}` to use them"
+        f"{threads} torch thread(s) on {cpus} CPU(s): pass `accelerate launch --num_cpu_threads_per_process {cpus}` "
+        "to use them"
     )
 
 

@@ -137,34 +137,24 @@ def test_the_cpu_is_named_by_its_best_matrix_or_vector_extension(tmp_path, flags
 
 
 @pytest.mark.parametrize(
-    ("device", "cpus", "local", "threads", "share"),
-    [("cpu", 2, None, 1, 2), ("cpu", 8, "2", 1, 4), ("cpu", 2, None, 2, None), ("cpu", 2, "2", 1, None),
-     ("cuda", 2, None, 1, None)],
+    ("device", "cpus", "world", "threads", "warned"),
+    [("cpu", 2, 1, 1, True), ("cpu", 8, 1, 3, True), ("cpu", 2, 1, 2, False), ("cpu", 2, 2, 1, False),
+     ("cuda", 2, 1, 1, False)],
 )  # fmt: skip
-def test_a_cpu_run_on_fewer_threads_than_its_cpus_is_told_the_launch_flag(monkeypatch, device, cpus, local, threads,
-                                                                         share):  # fmt: skip
-    """accelerate launch gives a CPU process one thread unless told: the warning names the flag and the share of the
-    CPUs each local process has."""
+def test_a_single_cpu_process_on_fewer_threads_than_its_cpus_is_told_the_launch_flag(monkeypatch, device, cpus, world,
+                                                                                    threads, warned):  # fmt: skip
+    """accelerate launch gives a CPU process one thread unless told: the warning names the flag and the CPUs."""
     monkeypatch.setattr(speed.os, "sched_getaffinity", lambda pid: set(range(cpus)))
     monkeypatch.setattr(speed.torch, "get_num_threads", lambda: threads)
-    if local:
-        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
-    else:
-        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    accelerator = type("FakeAccelerator", (), {"device": torch.device(device)})()
-    warning = speed.idle_cores_warning(accelerator)
-    if share is None:
-        assert warning is None
-    else:
-        assert warning == (f"{threads} torch thread(s) per process while each of the {local or 1} process(es) here "
-                           f"has {share} CPU(s): pass `accelerate launch --num_cpu_threads_per_process {share}` to "
-                           "use them")  # fmt: skip
+    accelerator = type("FakeAccelerator", (), {"device": torch.device(device), "num_processes": world})()
+    expected = (f"{threads} torch thread(s) on {cpus} CPU(s): pass `accelerate launch --num_cpu_threads_per_process "
+                f"{cpus}` to use them")  # fmt: skip
+    assert speed.idle_cores_warning(accelerator) == (expected if warned else None)
 
 
 def test_the_trainer_logs_the_idle_cores_warning(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(speed.os, "sched_getaffinity", lambda pid: {0, 1, 2})
     monkeypatch.setattr(speed.torch, "get_num_threads", lambda: 1)
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     Trainer(parse_training_args([*FAST, "--output_dir", str(tmp_path / "o"), *STEPS])).train()
     assert any(r.message.endswith("--num_cpu_threads_per_process 3` to use them") for r in caplog.records)
 

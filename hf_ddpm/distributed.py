@@ -204,8 +204,8 @@ def seeded_generators(
     stream: Stream, seed: int, indices: Sequence[int], *, prefix: Sequence[int] = (), device: str | torch.device = "cpu"
 ) -> list[torch.Generator]:
     """`seeded_generator(stream, seed, *prefix, i)` for each i of `indices`, the same generators, with the
-    SeedSequence hash computed for all of them at once (`_seed_sequence_states`: 64 image seeds in ~0.03 ms against
-    0.44 ms for 64 SeedSequence objects, a percent of a 1-step batch of a 16 px UNet)."""
+    SeedSequence hash computed for all of them at once (`_seed_sequence_states`; 64 image generators in 0.24 ms
+    against 0.66 ms one by one on a 2-core Xeon, a percent of a 1-step batch of the 16 px digits UNet)."""
     key = [seed, *prefix]
     if min(key, default=0) < 0 or max([*key, *indices], default=0) >= 2**32 or min(indices, default=0) < 0:
         return [seeded_generator(stream, seed, *prefix, i, device=device) for i in indices]  # numpy's own checks

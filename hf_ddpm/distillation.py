@@ -117,6 +117,12 @@ def progressive_target(
     return (z - ratio * zt) / (abar_last.sqrt() - ratio * abar_first.sqrt())
 
 
+def clipped_as_sampled(x0: Tensor, config: Any) -> Tensor:
+    """A teacher's x^ clipped to [-1, 1] where its scheduler config clips it in sampling (thresholding at 1, or
+    DDPM's and DDIM's clip_sample)."""
+    return x0.clamp(-1, 1) if config.thresholding or config.clip_sample else x0
+
+
 def loss_weight(abar_t: Tensor, abar_s: Tensor, landing: bool) -> Tensor:
     """The weight of a grid point t -> s (the student's DDIM step) in the x loss: max(SNR_t, 1), the paper's truncated
     SNR. With `landing`, at most how far an x error moves the student's landing point z_s in units of its noise,
@@ -278,9 +284,7 @@ class _Teacher:
     @torch.no_grad()
     def predict_x0(self, zt: Tensor, t: Tensor) -> Tensor:
         """x^ of the teacher at (z_t, t), clipped to [-1, 1] where its scheduler clips (as its sampling does)."""
-        x0 = self.process.predict_x0(self.unet(zt, t).sample.float(), zt, t)
-        config = self.process.config
-        return x0.clamp(-1, 1) if config.thresholding or config.clip_sample else x0
+        return clipped_as_sampled(self.process.predict_x0(self.unet(zt, t).sample.float(), zt, t), self.process.config)
 
 
 class Distiller(Trainer):
@@ -440,7 +444,7 @@ class ConsistencyDistiller(Distiller):
             "v_prediction": lambda: alpha * z - (1 - abar).sqrt() * output,
             "sample": lambda: output,
         }[config.prediction_type]()
-        return x0.clamp(-1, 1) if config.thresholding or config.clip_sample else x0
+        return clipped_as_sampled(x0, config)
 
     def batch_losses(self, x0: Tensor, timesteps: Tensor, noise: Tensor, xt: Tensor) -> Tensor:
         """|| f(x_{n+1}, sigma_{n+1}) - f^-(x^_n, sigma_n) ||^2 per image: x_{n+1} = x + sigma_{n+1} eps, x^_n one

@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -262,6 +264,17 @@ def test_resume_across_a_round_is_bit_exact(teacher, tmp_path, monkeypatch, rese
         name = "model.safetensors" if folder.startswith("checkpoints") else "unet/diffusion_pytorch_model.safetensors"
         a, b = load_file(straight / folder / name), load_file(resumed / folder / name)
         assert all(torch.equal(a[k], b[k]) for k in a), f"{folder or 'export'} differs after resume"
+
+
+def test_make_distill_launches_on_every_core_with_the_users_flags():
+    """accelerate launch gives a CPU process one thread unless told (README, Distillation); `nproc`, which the
+    Makefile asks, counts the CPUs this process may use (and honours an OMP_NUM_THREADS the user set)."""
+    env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+    made = subprocess.run(["make", "-n", "distill", "ARGS=--seed 3"], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, check=True).stdout  # fmt: skip
+    launch = " ".join(made.replace("\\\n", " ").split("accelerate launch", 1)[1].split())
+    assert f"--num_cpu_threads_per_process {len(os.sched_getaffinity(0))}" in launch
+    assert launch.endswith("scripts/distill.py output --seed 3")
 
 
 def test_consistency_function_is_x_at_sigma_min_and_what_diffusers_pipeline_samples():

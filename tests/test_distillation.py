@@ -269,9 +269,11 @@ def test_resume_across_a_round_is_bit_exact(teacher, tmp_path, monkeypatch, rese
 def test_make_distill_launches_on_every_core_with_the_users_flags():
     """accelerate launch gives a CPU process one thread unless told (README, Distillation); `nproc`, which the
     Makefile asks, counts the CPUs this process may use (and honours an OMP_NUM_THREADS the user set)."""
-    env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
-    made = subprocess.run(["make", "-n", "distill", "ARGS=--seed 3"], cwd=REPO_ROOT, env=env, capture_output=True,
-                          text=True, check=True).stdout  # fmt: skip
+    # run as a top-level make, also under `make test` (whose MAKEFLAGS would print "make[1]: Leaving directory")
+    unset = ("OMP_NUM_THREADS", "MAKEFLAGS", "MAKELEVEL", "MFLAGS")
+    env = {key: value for key, value in os.environ.items() if key not in unset}
+    made = subprocess.run(["make", "--no-print-directory", "-n", "distill", "ARGS=--seed 3"], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, check=True).stdout  # fmt: skip
     launch = " ".join(made.replace("\\\n", " ").split("accelerate launch", 1)[1].split())
     assert f"--num_cpu_threads_per_process {len(os.sched_getaffinity(0))}" in launch
     assert launch.endswith("scripts/distill.py output --seed 3")
